@@ -1,0 +1,187 @@
+"""Run the fedmoe Flower app once, through ``flwr run``, and return its summary.
+
+Target "simulation" (default): a private simulation SuperLink (``flower-superlink --simulation``)
+is started on a free loopback port with its own FLWR_HOME and a neutral working directory, the
+app is submitted with ``flwr run <app> <connection> --stream``, and the SuperLink is stopped
+afterwards, so no stale SuperLink from another checkout can serve an old ClientApp.
+Any other target names a SuperLink connection in the user's FLWR_HOME (a deployment).
+
+``flwr run`` exits 0 even when the run failed, so success is read from the run's summary.json.
+
+    python -m experiments.launch [--sites N] [--target NAME] [-c "key=value" ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SIMULATION = "simulation"
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def toml_value(value: Any) -> str:
+    """A run-config value as ``flwr run -c`` parses it (TOML scalars)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def config_args(overrides: Mapping[str, Any]) -> list[str]:
+    return ["-c", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())] if overrides else []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RunFailed(f"flower-superlink exited with code {process.returncode}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
+                if r.status == 200:
+                    return
+        time.sleep(0.2)
+    raise RunFailed(f"flower-superlink not healthy on port {port} after {timeout:.0f}s")
+
+
+def write_connection(home: Path, name: str, address: str) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n'
+    )
+
+
+@contextlib.contextmanager
+def simulation_superlink(log_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A private simulation SuperLink; yields (connection name, environment for flwr)."""
+    home = Path(tempfile.mkdtemp(prefix="fedmoe-flwr-home-"))
+    port = free_port()
+    env = {
+        **os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # the SuperLink spawns flower-superexec and flwr-simulation by name
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    write_connection(home, "fedmoe-sim", f"127.0.0.1:{port}")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+             "--port", str(port), "--disable-runtime-dependency-installation"],
+            cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_healthy(port, process)
+        yield "fedmoe-sim", env
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, 15)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+
+
+def submit(app: Path, connection: str, env: dict[str, str], overrides: Mapping[str, Any],
+           federation_config: Mapping[str, Any] | None, stream_to) -> None:
+    cmd = [str(BIN / "flwr"), "run", str(app), connection, "--stream", *config_args(overrides)]
+    if federation_config:
+        cmd += ["--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items())]
+    print("+ " + shlex.join(cmd), file=stream_to, flush=True)
+    completed = subprocess.run(cmd, env=env, stdout=stream_to, stderr=subprocess.STDOUT, cwd=app)
+    if completed.returncode != 0:
+        raise RunFailed(f"flwr run exited with code {completed.returncode}")
+
+
+def run_app(
+    overrides: Mapping[str, Any] | None = None, *, sites: int = 3, target: str = SIMULATION,
+    results_dir: Path | str = ROOT / "results", run_name: str | None = None,
+    app: Path = ROOT, log_path: Path | None = None, quiet: bool = False,
+) -> dict[str, Any]:
+    """Run the app once and return its summary.json (raises RunFailed unless it completed)."""
+    results_dir = Path(results_dir).resolve()
+    run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    overrides = {**(overrides or {}), "results-dir": str(results_dir), "run-name": run_name}
+    log_path = log_path or results_dir / f"{run_name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log_file:
+        stream_to = log_file if quiet else None
+        out = stream_to or sys.stdout
+        if target == SIMULATION:
+            fed = {"num-supernodes": sites, "client-resources-num-cpus": 1}
+            with simulation_superlink(log_path.with_suffix(".superlink.log")) as (connection, env):
+                submit(app, connection, env, overrides, fed, out)
+        else:
+            submit(app, target, dict(os.environ), overrides, None, out)
+    summary_path = results_dir / run_name / "summary.json"
+    if not summary_path.exists():
+        raise RunFailed(f"run wrote no {summary_path}; see {log_path}")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "completed":
+        raise RunFailed(f"run {run_name} ended with status {summary.get('status')!r}; see {log_path}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sites", type=int, default=3, help="simulated sites (SuperNodes)")
+    parser.add_argument("--target", default=SIMULATION, help="'simulation' or a SuperLink connection name")
+    parser.add_argument("--results-dir", default=str(ROOT / "results"))
+    parser.add_argument("-c", "--run-config", action="append", default=[], help='"key=value ..." overrides')
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for item in args.run_config:
+        for pair in shlex.split(item):
+            key, _, value = pair.partition("=")
+            overrides[key] = parse_scalar(value)
+    started = time.time()
+    summary = run_app(overrides, sites=args.sites, target=args.target, results_dir=args.results_dir)
+    rounds = summary["rounds"]
+    print(
+        f"\nfedmoe: completed {len(rounds)} rounds in {time.time() - started:.0f}s; "
+        f"final global accuracy {summary['final_accuracy']:.4f}; "
+        f"mean uplink {sum(r['uplink_bytes'] for r in rounds) / len(rounds) / 1e6:.3f} MB/round "
+        f"(full model {summary['full_model_bytes'] / 1e6:.3f} MB x {args.sites} sites = "
+        f"{summary['full_model_bytes'] * args.sites / 1e6:.3f} MB)\n"
+        f"results: {Path(args.results_dir).resolve() / 'latest' / 'summary.json'}"
+    )
+    return 0
+
+
+def parse_scalar(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    return text.strip("'\"")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Run configuration: every key of ``[tool.flwr.app.config]``, its type, default and check.
+
+Flower hands the ServerApp and every ClientApp the same flat run config (pyproject defaults
+overridden by ``flwr run -c "key=value"``). ``RunConfig.from_run_config`` turns it into a typed,
+validated object and fails before any training with a message naming the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .model import MoEConfig
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown or has an invalid value."""
+
+
+def _choice(*options: str):
+    def check(value: str) -> str | None:
+        return None if value in options else f"must be one of {list(options)}"
+    return check
+
+
+def _at_least(low: float):
+    def check(value: float) -> str | None:
+        return None if value >= low else f"must be >= {low}"
+    return check
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
+
+
+def _open_fraction(value: float) -> str | None:
+    return None if 0.0 < value < 1.0 else "must be in (0, 1)"
+
+
+def _key(default: Any, check=None, help: str = ""):
+    return field(default=default, metadata={"check": check, "help": help})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # Federation
+    num_server_rounds: int = _key(5, _at_least(1), "federated rounds")
+    fraction_train: float = _key(1.0, _fraction, "share of connected sites sampled per round")
+    fraction_evaluate: float = _key(1.0, _fraction, "share of sites asked to evaluate")
+    min_nodes: int = _key(2, _at_least(1), "sites that must be connected before a round starts")
+    strategy: str = _key("expert-matched", _choice("expert-matched"), "server aggregation")
+    # Local training
+    local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
+    batch_size: int = _key(64, _at_least(1), "expected local batch size")
+    learning_rate: float = _key(0.002, _positive, "local optimiser step size")
+    optimizer: str = _key("adam", _choice("adam", "sgd"), "local optimiser")
+    seed: int = _key(0, _at_least(0), "seed for model init, data split and training")
+    # Data
+    data_source: str = _key("auto", _choice("auto", "debian", "hub"), "where Fashion-MNIST comes from")
+    partitioning: str = _key("domain", _choice("iid", "dirichlet", "domain"), "how sites split the data")
+    dirichlet_alpha: float = _key(0.5, _positive, "concentration for partitioning=dirichlet")
+    domains_per_site: int = _key(1, _at_least(1), "coarse domains per site for partitioning=domain")
+    site_test_fraction: float = _key(0.2, _open_fraction, "share of each site's data kept as its test split")
+    max_examples_per_site: int = _key(0, _at_least(0), "cap on each site's partition before its train/test split (0: no cap)")
+    # Model
+    d_model: int = _key(64, _at_least(1), "token width")
+    patch_size: int = _key(7, _at_least(1), "image patch side; tokens = (28 / patch-size)^2")
+    num_moe_layers: int = _key(1, _at_least(1), "MoE blocks")
+    num_experts: int = _key(8, _at_least(1), "experts per MoE layer")
+    top_k: int = _key(2, _at_least(1), "experts per token")
+    expert_hidden: int = _key(128, _at_least(1), "hidden width of each expert MLP")
+    router_noise: float = _key(1.0, _at_least(0.0), "std of router logit noise while training")
+    aux_loss_weight: float = _key(0.01, _at_least(0.0), "load-balancing loss weight")
+    z_loss_weight: float = _key(0.001, _at_least(0.0), "router z-loss weight")
+    # Active-set selection
+    active_top_m: int = _key(2, _at_least(0), "a site trains at most its m most used experts per layer (0: no cap)")
+    active_min_share: float = _key(0.05, _fraction, "an expert needs this share of a site's routed tokens to be trained")
+    # Output
+    results_dir: str = _key("results", None, "folder for run folders (relative to the ServerApp's working directory)")
+    run_name: str = _key("", None, "run folder name; empty: timestamp and run id")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"run config '{config_key(f.name)}': must be finite, got {value}")
+            check = f.metadata.get("check")
+            problem = check(value) if check else None
+            if problem:
+                raise ConfigError(f"run config '{config_key(f.name)}': {problem}, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(
+                f"run config 'top-k': must be <= num-experts ({self.num_experts}), got {self.top_k}"
+            )
+        if self.active_top_m > self.num_experts:
+            raise ConfigError(
+                f"run config 'active-top-m': must be <= num-experts ({self.num_experts}), got {self.active_top_m}"
+            )
+        if 28 % self.patch_size:
+            raise ConfigError(f"run config 'patch-size': must divide 28, got {self.patch_size}")
+        if self.domains_per_site > 3:
+            raise ConfigError(f"run config 'domains-per-site': there are 3 domains, got {self.domains_per_site}")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Typed config from Flower's flat run config; unknown keys and bad types fail."""
+        fields = {config_key(f.name): f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, raw in run_config.items():
+            if key not in fields:
+                raise ConfigError(f"run config '{key}': unknown key (known: {sorted(fields)})")
+            f = fields[key]
+            values[f.name] = _coerce(key, raw, type(f.default))
+        return cls(**values)
+
+    def as_run_config(self) -> dict[str, Any]:
+        return {config_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def model_config(self) -> MoEConfig:
+        return MoEConfig(
+            patch_size=self.patch_size, d_model=self.d_model, num_moe_layers=self.num_moe_layers,
+            num_experts=self.num_experts, top_k=self.top_k, expert_hidden=self.expert_hidden,
+            router_noise=self.router_noise, aux_loss_weight=self.aux_loss_weight,
+            z_loss_weight=self.z_loss_weight,
+        )
+
+
+def config_key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _coerce(key: str, raw: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+    elif kind is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+    elif kind is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+    elif kind is str:
+        if isinstance(raw, str):
+            return raw
+    raise ConfigError(f"run config '{key}': expected {kind.__name__}, got {raw!r}")

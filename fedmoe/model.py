@@ -1,0 +1,202 @@
+"""Sparse Mixture-of-Experts image classifier.
+
+Layout of one forward pass (N samples, S = (image_size / patch_size)^2 tokens, d = d_model):
+
+    image [N, C, H, W] -> patches [N, S, C*p*p] -> embed + position [N, S, d]
+      -> MoELayer x num_moe_layers (pre-norm, residual, noisy top-k routing) [N, S, d]
+      -> LayerNorm -> flatten [N, S*d] -> head [N, num_classes]
+
+Everything that Opacus must clip per sample is batch-first and sample-local: the expert bank
+takes ``(x[N, T, d], expert_index[N, T])``, routing never drops tokens by capacity, and the
+auxiliary losses are returned per sample, so one sample's gradient never depends on another's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MoEConfig:
+    image_size: int = 28
+    in_channels: int = 1
+    patch_size: int = 7
+    num_classes: int = 10
+    d_model: int = 64
+    num_moe_layers: int = 1
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 128
+    router_noise: float = 1.0  # std of Gaussian jitter on router logits, training only
+    aux_loss_weight: float = 0.01  # Switch load-balancing loss
+    z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"patch-size {self.patch_size} does not divide image size {self.image_size}"
+            )
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top-k must be in [1, num-experts={self.num_experts}], got {self.top_k}"
+            )
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.patch_size**2
+
+    @property
+    def total_experts(self) -> int:
+        """Experts over all MoE layers; global expert id = layer * num_experts + expert."""
+        return self.num_moe_layers * self.num_experts
+
+
+class ExpertBank(nn.Module):
+    """E independent two-layer GELU MLPs, one set of parameters per expert.
+
+    Parameters are registered directly on this module as ``w_in_{e}`` [d, h], ``b_in_{e}`` [h],
+    ``w_out_{e}`` [h, d], ``b_out_{e}`` [d] so that each expert can be frozen, privatised and
+    sent on its own. forward: x [N, T, d], expert_index [N, T] (long) -> [N, T, d], token t of
+    sample n processed by expert expert_index[n, t].
+    """
+
+    PARAM_NAMES = ("w_in", "b_in", "w_out", "b_out")
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.d_model = d_model
+        self.hidden = hidden
+        for e in range(num_experts):
+            w_in = torch.empty(d_model, hidden)
+            w_out = torch.empty(hidden, d_model)
+            # Same init as nn.Linear (kaiming-uniform on fan_in).
+            nn.init.kaiming_uniform_(w_in.T, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(w_out.T, a=math.sqrt(5))
+            self.register_parameter(f"w_in_{e}", nn.Parameter(w_in))
+            self.register_parameter(f"b_in_{e}", nn.Parameter(torch.zeros(hidden)))
+            self.register_parameter(f"w_out_{e}", nn.Parameter(w_out))
+            self.register_parameter(f"b_out_{e}", nn.Parameter(torch.zeros(d_model)))
+
+    def expert_params(self, e: int) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter]:
+        return tuple(getattr(self, f"{name}_{e}") for name in self.PARAM_NAMES)  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape)
+        for e in range(self.num_experts):
+            mask = expert_index == e
+            w_in, b_in, w_out, b_out = self.expert_params(e)
+            # An expert without tokens still runs on an empty batch, so its .grad is zeros
+            # rather than None (optimisers and Opacus both expect that).
+            out[mask] = F.gelu(x[mask] @ w_in + b_in) @ w_out + b_out
+        return out
+
+
+@dataclass
+class RoutingStats:
+    """What the last forward routed: token-slot counts per expert and per sample."""
+
+    expert_counts: torch.Tensor  # [E] token-slots (token x k) routed to each expert, whole batch
+    per_sample: torch.Tensor  # [N, E] same, per sample
+
+
+class MoELayer(nn.Module):
+    """Pre-norm residual MoE feed-forward block with a noisy top-k router.
+
+    Router: logits = W h (no bias); while training, Gaussian noise of std ``router_noise`` is
+    added before the top-k choice; the gate weights are softmax over the k chosen logits, so
+    they sum to 1 per token. Auxiliary losses per sample n (E experts, S tokens):
+      load balance  E * sum_e f_ne * P_ne, f_ne = share of n's token-slots sent to e,
+                    P_ne = mean router probability of e over n's tokens;
+      z-loss        mean_s logsumexp(logits_ns)^2.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.router_noise = config.router_noise
+        self.norm = nn.LayerNorm(config.d_model)
+        self.router = nn.Linear(config.d_model, config.num_experts, bias=False)
+        self.experts = ExpertBank(config.num_experts, config.d_model, config.expert_hidden)
+        self.last_routing: RoutingStats | None = None
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [N, S, d] -> (router logits [N, S, E], chosen experts [N, S, k], gates [N, S, k])."""
+        logits = self.router(h)
+        scores = logits
+        if self.training and self.router_noise > 0:
+            # Noise is drawn here, outside any module Opacus instruments.
+            scores = logits + torch.randn_like(logits) * self.router_noise
+        top_scores, top_index = scores.topk(self.top_k, dim=-1)
+        gates = torch.softmax(top_scores, dim=-1)
+        return logits, top_index, gates
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, S, d] -> (y [N, S, d], load-balance loss [N], z-loss [N])."""
+        n, s, d = x.shape
+        h = self.norm(x)
+        logits, top_index, gates = self.route(h)
+        slots = h.unsqueeze(2).expand(n, s, self.top_k, d).reshape(n, s * self.top_k, d)
+        expert_out = self.experts(slots, top_index.reshape(n, s * self.top_k))
+        y = x + (gates.unsqueeze(-1) * expert_out.view(n, s, self.top_k, d)).sum(dim=2)
+
+        dispatch = F.one_hot(top_index, self.num_experts).to(x.dtype).sum(dim=2)  # [N, S, E]
+        per_sample_counts = dispatch.sum(dim=1)  # [N, E]
+        share = per_sample_counts / (s * self.top_k)
+        mean_prob = torch.softmax(logits, dim=-1).mean(dim=1)
+        balance_loss = self.num_experts * (share * mean_prob).sum(dim=-1)
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean(dim=1)
+        counts = per_sample_counts.detach()
+        self.last_routing = RoutingStats(expert_counts=counts.sum(dim=0), per_sample=counts)
+        return y, balance_loss, z_loss
+
+
+class MoEClassifier(nn.Module):
+    """Patch embedding trunk, MoE layers, flatten-and-project head."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Linear(config.patch_dim, config.d_model)
+        self.position = nn.Embedding(config.num_tokens, config.d_model)
+        self.moe_layers = nn.ModuleList(MoELayer(config) for _ in range(config.num_moe_layers))
+        self.norm = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.num_tokens * config.d_model, config.num_classes)
+
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, C, H, W] -> [N, S, C*p*p], row-major over the patch grid."""
+        p = self.config.patch_size
+        n, c = images.shape[:2]
+        grid = images.unfold(2, p, p).unfold(3, p, p)  # [N, C, H/p, W/p, p, p]
+        return grid.permute(0, 2, 3, 1, 4, 5).reshape(n, self.config.num_tokens, c * p * p)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [N, C, H, W] -> (class logits [N, classes], weighted aux loss [N])."""
+        tokens = self.patches(images)
+        n = tokens.shape[0]
+        positions = torch.arange(self.config.num_tokens, device=images.device).expand(n, -1)
+        x = self.embed(tokens) + self.position(positions)
+        aux = x.new_zeros(n)
+        for layer in self.moe_layers:
+            x, balance_loss, z_loss = layer(x)
+            aux = aux + self.config.aux_loss_weight * balance_loss
+            aux = aux + self.config.z_loss_weight * z_loss
+        logits = self.head(self.norm(x).flatten(1))
+        return logits, aux
+
+    def routing_counts(self) -> torch.Tensor:
+        """Token-slot counts per global expert id from the last forward: [total_experts]."""
+        return torch.cat([layer.last_routing.expert_counts for layer in self.moe_layers])
+
+    def expert_bank(self, layer: int) -> ExpertBank:
+        return self.moe_layers[layer].experts

@@ -1,0 +1,111 @@
+"""Run folder: per-round console table, summary.json, checkpoints, all written atomically.
+
+A crash at any point leaves the previous summary.json and checkpoint intact: every file is
+written to a temporary name in the same folder and moved into place with os.replace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def point_latest(results_dir: Path, run_dir: Path) -> None:
+    """results/latest -> the newest run folder (relative symlink, swapped atomically)."""
+    link = results_dir / "latest"
+    tmp = results_dir / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(run_dir.name, tmp)
+    os.replace(tmp, link)
+
+
+def _format_experts(active: dict[str, list[int]]) -> str:
+    return " ".join(f"{site}:{','.join(map(str, ids))}" for site, ids in sorted(active.items(), key=lambda kv: int(kv[0])))
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.3f}"
+
+
+class RunRecorder:
+    """Collects per-round rows, prints the console table and keeps summary.json current."""
+
+    HEADER = f"{'round':>5} {'acc':>7} {'loss':>7} {'up MB':>9} {'down MB':>9} {'load CV':>7}  experts per site"
+
+    def __init__(self, results_dir: str | Path, run_name: str, config: dict[str, Any], full_model_bytes: int, extra: dict[str, Any] | None = None) -> None:
+        self.results_dir = Path(results_dir).resolve()
+        self.run_dir = self.results_dir / run_name
+        self.run_dir.mkdir(parents=True, exist_ok=False)
+        point_latest(self.results_dir, self.run_dir)
+        self.started = time.time()
+        self.summary: dict[str, Any] = {
+            "config": config,
+            "full_model_bytes": full_model_bytes,
+            **(extra or {}),
+            "rounds": [],
+            "final_accuracy": None,
+            "status": "running",
+        }
+        self._write()
+
+    def record_round(self, row: dict[str, Any]) -> None:
+        if not self.summary["rounds"]:
+            print(self.HEADER, flush=True)
+        self.summary["rounds"].append(row)
+        self.summary["final_accuracy"] = row["accuracy"]
+        self.summary["wall_seconds"] = round(time.time() - self.started, 2)
+        print(
+            f"{row['round']:>5} {row['accuracy']:>7.4f} {row['loss']:>7.4f} {_mb(row['uplink_bytes']):>9} "
+            f"{_mb(row['downlink_bytes']):>9} {row['expert_load_cv']:>7.3f}  {_format_experts(row['active_experts'])}",
+            flush=True,
+        )
+        self._write()
+
+    def checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
+        atomic_torch_save(self.run_dir / "checkpoint.pt", {"round": server_round, "model": state})
+
+    def finish(self, status: str = "completed", **fields: Any) -> Path:
+        self.summary.update(fields)
+        self.summary["status"] = status
+        self.summary["wall_seconds"] = round(time.time() - self.started, 2)
+        self._write()
+        return self.run_dir / "summary.json"
+
+    def _write(self) -> None:
+        atomic_write_json(self.run_dir / "summary.json", self.summary)

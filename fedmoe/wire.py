@@ -1,0 +1,159 @@
+"""The message schema between clients/ and server/: record names, metric keys, packing and
+validation of train replies. The only module of the library that imports Flower.
+
+A train reply is RecordDict{"arrays": ArrayRecord, "metrics": MetricRecord} where the arrays
+hold exactly the tensors the site trained (every shared tensor plus the tensors of its active
+experts) and the metrics hold:
+  num-examples    int > 0, local training examples
+  partition-id    int, the site
+  active-experts  list[int], global expert ids (layer * num_experts + expert) it trained
+  expert-counts   list[float] of length layers * num_experts, tokens routed per expert (>= 0)
+  train-loss      float
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+
+NUM_EXAMPLES = "num-examples"
+SITE = "partition-id"
+ACTIVE_EXPERTS = "active-experts"
+EXPERT_COUNTS = "expert-counts"
+TRAIN_LOSS = "train-loss"
+
+_EXPERT_KEY = re.compile(r"^moe_layers\.(\d+)\.experts\.[a-z_]+?_(\d+)$")
+
+
+class InvalidReply(ValueError):
+    """A reply that must not be aggregated; the message says why."""
+
+
+def expert_id(key: str, num_experts: int) -> int | None:
+    """Global expert id of a parameter name, or None for shared (trunk, router, head) tensors."""
+    match = _EXPERT_KEY.match(key)
+    if match is None:
+        return None
+    return int(match.group(1)) * num_experts + int(match.group(2))
+
+
+def to_record(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: torch.as_tensor(v) for k, v in state.items()})
+
+
+def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_state_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict())
+
+
+@dataclass
+class TrainReply:
+    site: int
+    num_examples: int
+    arrays: dict[str, np.ndarray]
+    active_experts: list[int]
+    expert_counts: np.ndarray
+    train_loss: float
+    nbytes: int  # bytes of the ArrayRecord as received
+
+
+def encode_train_reply(
+    trained: Mapping[str, torch.Tensor], site: int, num_examples: int,
+    active_experts: list[int], expert_counts: np.ndarray, train_loss: float,
+) -> RecordDict:
+    metrics = MetricRecord({
+        NUM_EXAMPLES: int(num_examples),
+        SITE: int(site),
+        ACTIVE_EXPERTS: [int(e) for e in active_experts],
+        EXPERT_COUNTS: [float(c) for c in expert_counts],
+        TRAIN_LOSS: float(train_loss),
+    })
+    return RecordDict({ARRAYS: to_record(trained), METRICS: metrics})
+
+
+def decode_train_reply(
+    content: RecordDict, global_arrays: Mapping[str, np.ndarray], num_experts: int
+) -> TrainReply:
+    """Parse and validate a train reply against the current global model; raise InvalidReply."""
+    if ARRAYS not in content.array_records or METRICS not in content.metric_records:
+        raise InvalidReply(f"reply lacks the '{ARRAYS}' ArrayRecord or the '{METRICS}' MetricRecord")
+    metrics = content.metric_records[METRICS]
+    for key in (NUM_EXAMPLES, SITE, ACTIVE_EXPERTS, EXPERT_COUNTS, TRAIN_LOSS):
+        if key not in metrics:
+            raise InvalidReply(f"metric '{key}' missing")
+    expert_ids = {expert_id(k, num_experts) for k in global_arrays} - {None}
+    total_experts = 1 + max(expert_ids)
+
+    num_examples = metrics[NUM_EXAMPLES]
+    if not isinstance(num_examples, int) or num_examples <= 0:
+        raise InvalidReply(f"'{NUM_EXAMPLES}' must be a positive int, got {num_examples!r}")
+    active = metrics[ACTIVE_EXPERTS]
+    if not isinstance(active, list) or not all(isinstance(e, int) for e in active):
+        raise InvalidReply(f"'{ACTIVE_EXPERTS}' must be a list of ints")
+    if len(set(active)) != len(active) or any(not 0 <= e < total_experts for e in active):
+        raise InvalidReply(f"'{ACTIVE_EXPERTS}' {active} has duplicates or ids outside [0, {total_experts})")
+    counts = np.asarray(metrics[EXPERT_COUNTS], dtype=np.float64)
+    if counts.shape != (total_experts,) or not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        raise InvalidReply(f"'{EXPERT_COUNTS}' must be {total_experts} finite counts >= 0")
+
+    record = content.array_records[ARRAYS]
+    arrays: dict[str, np.ndarray] = {}
+    for key, array in record.items():
+        if key not in global_arrays:
+            raise InvalidReply(f"unknown tensor '{key}'")
+        value = array.numpy()
+        reference = global_arrays[key]
+        if value.shape != reference.shape or value.dtype != reference.dtype:
+            raise InvalidReply(
+                f"tensor '{key}' is {value.dtype}{list(value.shape)}, expected {reference.dtype}{list(reference.shape)}"
+            )
+        if not np.all(np.isfinite(value)):
+            raise InvalidReply(f"tensor '{key}' has NaN or Inf")
+        arrays[key] = value
+
+    active_set = set(active)
+    expected = {k for k in global_arrays if expert_id(k, num_experts) in active_set | {None}}
+    if set(arrays) != expected:
+        missing = sorted(expected - set(arrays))[:3]
+        extra = sorted(set(arrays) - expected)[:3]
+        raise InvalidReply(
+            f"tensors do not match the active experts {active}: missing {missing}, not active {extra}"
+        )
+    return TrainReply(
+        site=int(metrics[SITE]), num_examples=num_examples, arrays=arrays, active_experts=list(active),
+        expert_counts=counts, train_loss=float(metrics[TRAIN_LOSS]), nbytes=record.count_bytes(),
+    )
+
+
+EVAL_ACCURACY = "accuracy"
+EVAL_LOSS = "loss"
+
+
+def encode_evaluate_reply(site: int, num_examples: int, accuracy: float, loss: float) -> RecordDict:
+    return RecordDict({METRICS: MetricRecord({
+        NUM_EXAMPLES: int(num_examples), SITE: int(site),
+        EVAL_ACCURACY: float(accuracy), EVAL_LOSS: float(loss),
+    })})
+
+
+def decode_evaluate_reply(content: RecordDict) -> tuple[int, int, float, float]:
+    """(site, num-examples, accuracy, loss) of an evaluate reply; raise InvalidReply."""
+    metrics = content.metric_records.get(METRICS)
+    if metrics is None or any(k not in metrics for k in (NUM_EXAMPLES, SITE, EVAL_ACCURACY, EVAL_LOSS)):
+        raise InvalidReply("evaluate reply lacks metrics")
+    n, acc, loss = metrics[NUM_EXAMPLES], float(metrics[EVAL_ACCURACY]), float(metrics[EVAL_LOSS])
+    if not isinstance(n, int) or n <= 0 or not 0.0 <= acc <= 1.0 or not np.isfinite(loss):
+        raise InvalidReply(f"evaluate metrics out of range: n={n} accuracy={acc} loss={loss}")
+    return int(metrics[SITE]), n, acc, loss

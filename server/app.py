@@ -1,0 +1,71 @@
+"""fedmoe ServerApp: builds the global MoE model, runs ExpertMatched, records every round."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from logging import INFO
+
+import torch
+from flwr.app import Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from fedmoe import wire
+from fedmoe.config import RunConfig
+from fedmoe.data import load_global_test
+from fedmoe.model import MoEClassifier
+from fedmoe.results import RunRecorder
+from fedmoe.training import evaluate
+
+from .strategy import ExpertMatched, RoundStats
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_run_config(context.run_config)
+    torch.manual_seed(cfg.seed)
+    model = MoEClassifier(cfg.model_config())
+    initial_arrays = wire.to_record(model.state_dict())
+    test_images, test_labels = load_global_test(cfg.data_source).tensors()
+
+    run_name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-run{context.run_id}"
+    recorder = RunRecorder(
+        cfg.results_dir, run_name, cfg.as_run_config(), initial_arrays.count_bytes(),
+        extra={"model_parameters": sum(p.numel() for p in model.parameters())},
+    )
+    log(INFO, "fedmoe: run folder %s", recorder.run_dir)
+
+    strategy = ExpertMatched(
+        num_experts=cfg.num_experts,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_nodes,
+        min_evaluate_nodes=cfg.min_nodes if cfg.fraction_evaluate > 0 else 0,
+        min_available_nodes=cfg.min_nodes,
+    )
+
+    def central_evaluate(server_round: int, arrays) -> MetricRecord:
+        model.load_state_dict(wire.to_state_dict(arrays))
+        loss, accuracy = evaluate(model, test_images, test_labels)
+        if server_round > 0:
+            recorder.checkpoint(server_round, model.state_dict())
+            stats = strategy.round_stats.get(server_round, RoundStats())
+            recorder.record_round(
+                {"round": server_round, "accuracy": accuracy, "loss": loss, **dataclasses.asdict(stats)}
+            )
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    try:
+        strategy.start(
+            grid=grid, initial_arrays=initial_arrays, num_rounds=cfg.num_server_rounds,
+            evaluate_fn=central_evaluate,
+        )
+    except BaseException:
+        recorder.finish("failed")
+        raise
+    path = recorder.finish("completed")
+    log(INFO, "fedmoe: final global accuracy %.4f; summary at %s", recorder.summary["final_accuracy"], path)
+

@@ -1,0 +1,151 @@
+"""ExpertMatched: Flower strategy for sparse expert uploads.
+
+Sites send the shared tensors (trunk, router, head) and only the experts they trained. With
+x_i, n_i and c_ie as in ``fedmoe.aggregation``:
+
+    shared tensors   x   <- sum_i n_i x_i / sum_i n_i
+    expert e         x_e <- sum_{i in R_e} c_ie x_ie / sum_{i in R_e} c_ie,  R_e = sites that sent e
+    untrained expert x_e unchanged, bit for bit
+
+Replies that fail validation (``fedmoe.wire.decode_train_reply``) are dropped with the reason
+logged and counted; the round goes on with the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from fedmoe import wire
+from fedmoe.aggregation import SiteUpdate, expert_matched_average, load_coefficient_of_variation
+
+
+@dataclass
+class RoundStats:
+    """What crossed the wire in one round and what the sites reported."""
+
+    downlink_bytes: int = 0
+    uplink_bytes: int = 0
+    site_uplink_bytes: dict[str, int] = field(default_factory=dict)
+    replies: int = 0  # valid train replies aggregated
+    rejected_replies: list[str] = field(default_factory=list)
+    active_experts: dict[str, list[int]] = field(default_factory=dict)
+    expert_load: list[float] = field(default_factory=list)
+    expert_load_cv: float = 0.0
+    train_loss: float = float("nan")
+    site_accuracy: dict[str, float] = field(default_factory=dict)
+    site_loss: dict[str, float] = field(default_factory=dict)
+
+
+class ExpertMatched(FedAvg):
+    """FedAvg's sampling and messaging with expert-matched aggregation of sparse replies.
+
+    Parameters
+    ----------
+    num_experts : int
+        Experts per MoE layer (global expert id = layer * num_experts + expert).
+    **kwargs
+        Passed to FedAvg (fraction_train, min_train_nodes, ...).
+    """
+
+    def __init__(self, num_experts: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_experts = num_experts
+        self.global_arrays: dict[str, np.ndarray] = {}
+        self.round_stats: dict[int, RoundStats] = {}
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t└──> Expert-matched averaging, %d experts per MoE layer", self.num_experts)
+
+    def _stats(self, server_round: int) -> RoundStats:
+        return self.round_stats.setdefault(server_round, RoundStats())
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.global_arrays = wire.to_numpy(arrays)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._stats(server_round).downlink_bytes += arrays.count_bytes() * len(messages)
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._stats(server_round).downlink_bytes += arrays.count_bytes() * len(messages)
+        return messages
+
+    def decode_replies(self, server_round: int, replies: Iterable[Message]) -> list[wire.TrainReply]:
+        """Valid train replies; every dropped one is logged and recorded with its reason."""
+        stats = self._stats(server_round)
+        valid = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                reason = f"node {node}: error reply: {msg.error.reason}"
+            else:
+                try:
+                    valid.append(wire.decode_train_reply(msg.content, self.global_arrays, self.num_experts))
+                    continue
+                except wire.InvalidReply as exc:
+                    reason = f"node {node}: {exc}"
+            log(WARNING, "round %d: dropped reply from %s", server_round, reason)
+            stats.rejected_replies.append(reason)
+        return valid
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self._stats(server_round)
+        valid = self.decode_replies(server_round, replies)
+        stats.replies = len(valid)
+        if not valid:
+            log(WARNING, "round %d: no valid train replies; global model unchanged", server_round)
+            return None, None
+        updates = [
+            SiteUpdate(r.arrays, r.num_examples, {e: float(r.expert_counts[e]) for e in r.active_experts})
+            for r in valid
+        ]
+        new_arrays = expert_matched_average(
+            self.global_arrays, updates, lambda key: wire.expert_id(key, self.num_experts)
+        )
+        load = np.sum([r.expert_counts for r in valid], axis=0)
+        stats.uplink_bytes = sum(r.nbytes for r in valid)
+        stats.site_uplink_bytes = {str(r.site): r.nbytes for r in valid}
+        stats.active_experts = {str(r.site): r.active_experts for r in valid}
+        stats.expert_load = load.tolist()
+        stats.expert_load_cv = float(np.mean([
+            load_coefficient_of_variation(layer) for layer in load.reshape(-1, self.num_experts)
+        ]))
+        weights = np.array([r.num_examples for r in valid], dtype=np.float64)
+        stats.train_loss = float(np.dot(weights, [r.train_loss for r in valid]) / weights.sum())
+        metrics = MetricRecord({
+            "train-loss": stats.train_loss,
+            "uplink-bytes": stats.uplink_bytes,
+            "rejected-replies": len(stats.rejected_replies),
+            "expert-load-cv": stats.expert_load_cv,
+        })
+        return wire.to_record(new_arrays), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        stats = self._stats(server_round)
+        total, acc_sum, loss_sum = 0, 0.0, 0.0
+        for msg in replies:
+            if msg.has_error():
+                log(WARNING, "round %d: evaluation error from node %d: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
+                continue
+            try:
+                site, n, acc, loss = wire.decode_evaluate_reply(msg.content)
+            except wire.InvalidReply as exc:
+                log(WARNING, "round %d: dropped evaluation reply from node %d: %s", server_round, msg.metadata.src_node_id, exc)
+                continue
+            stats.site_accuracy[str(site)] = acc
+            stats.site_loss[str(site)] = loss
+            total += n
+            acc_sum += n * acc
+            loss_sum += n * loss
+        if total == 0:
+            return None
+        return MetricRecord({"accuracy": acc_sum / total, "loss": loss_sum / total})

@@ -1,0 +1,26 @@
+import numpy as np
+import pytest
+
+from fedmoe.selection import select_active_experts
+
+
+def test_threshold_and_top_m():
+    counts = np.array([50, 30, 15, 5, 0, 0, 0, 0])
+    assert select_active_experts(counts, 8, min_share=0.1, top_m=0) == [0, 1, 2]
+    assert select_active_experts(counts, 8, min_share=0.1, top_m=2) == [0, 1]
+    assert select_active_experts(counts, 8, min_share=0.0, top_m=0) == [0, 1, 2, 3]
+
+
+def test_most_used_expert_always_active():
+    assert select_active_experts(np.array([1, 1, 1, 2]), 4, min_share=0.9, top_m=0) == [3]
+    assert select_active_experts(np.zeros(4), 4, min_share=0.5, top_m=0) == [0]
+
+
+def test_per_layer_global_ids():
+    counts = np.array([0, 9, 1, 0, 7, 0, 0, 3])  # two layers of four experts
+    assert select_active_experts(counts, 4, min_share=0.2, top_m=1) == [1, 4]
+
+
+def test_rejects_ragged_counts():
+    with pytest.raises(ValueError):
+        select_active_experts(np.ones(5), 4, 0.1, 1)

@@ -1,0 +1,61 @@
+"""A real Flower simulation: 3 sites, 2 rounds, through `flwr run` on a private SuperLink."""
+
+import json
+
+import pytest
+import torch
+
+from experiments.launch import run_app
+from fedmoe import wire
+from fedmoe.config import RunConfig
+from fedmoe.model import ExpertBank, MoEClassifier
+
+OVERRIDES = {"num-server-rounds": 2, "max-examples-per-site": 400, "num-experts": 8, "active-top-m": 1, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    summary = run_app(OVERRIDES, sites=3, results_dir=results, run_name="sim", quiet=True)
+    return results, summary
+
+
+def test_run_completes_and_writes_summary(run):
+    results, summary = run
+    assert summary["status"] == "completed"
+    assert (results / "latest" / "summary.json").exists()
+    assert json.loads((results / "latest" / "summary.json").read_text())["config"]["num-server-rounds"] == 2
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    for r in summary["rounds"]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["replies"] == 3 and not r["rejected_replies"]
+        assert set(r["active_experts"]) == {"0", "1", "2"}
+        assert set(r["site_accuracy"]) == {"0", "1", "2"}
+    assert summary["final_accuracy"] == summary["rounds"][-1]["accuracy"]
+
+
+def test_every_reply_is_smaller_than_the_full_model(run):
+    _, summary = run
+    full = summary["full_model_bytes"]
+    for r in summary["rounds"]:
+        assert len(r["site_uplink_bytes"]) == 3
+        assert all(0 < b < full for b in r["site_uplink_bytes"].values())
+        assert r["uplink_bytes"] == sum(r["site_uplink_bytes"].values())
+        # full model to 3 sites for training and again for evaluation
+        assert r["downlink_bytes"] >= 6 * full
+
+
+def test_untrained_experts_are_bit_identical_and_trained_ones_moved(run):
+    results, summary = run
+    trained = {e for r in summary["rounds"] for ids in r["active_experts"].values() for e in ids}
+    untouched = set(range(8)) - trained
+    assert untouched, "with top-m 1, 3 sites and 2 rounds at most 6 of 8 experts can train"
+    final = torch.load(results / "sim" / "checkpoint.pt")["model"]
+    torch.manual_seed(OVERRIDES["seed"])
+    initial = MoEClassifier(RunConfig.from_run_config(OVERRIDES).model_config()).state_dict()
+    for key in initial:
+        e = wire.expert_id(key, 8)
+        if e in untouched:
+            assert torch.equal(final[key], initial[key]), key
+    for e in trained:
+        keys = [f"moe_layers.0.experts.{p}_{e}" for p in ExpertBank.PARAM_NAMES]
+        assert any(not torch.equal(final[k], initial[k]) for k in keys), e

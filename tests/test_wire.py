@@ -1,0 +1,88 @@
+"""Pack/unpack round trip and validation of train replies."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import MetricRecord, RecordDict
+
+from fedmoe import wire
+from fedmoe.model import MoEClassifier, MoEConfig
+from fedmoe.training import freeze_inactive_experts, trained_state
+
+CFG = MoEConfig(d_model=8, expert_hidden=8, num_experts=4, top_k=2, num_moe_layers=2)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return MoEClassifier(CFG)
+
+
+def global_arrays(model):
+    return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def reply(model, active, **metric_overrides):
+    freeze_inactive_experts(model, active)
+    content = wire.encode_train_reply(trained_state(model), 3, 100, active, np.arange(8.0), 0.5)
+    for k, v in metric_overrides.items():
+        content.metric_records[wire.METRICS][k] = v
+    return content
+
+
+def test_expert_ids_are_global_over_layers():
+    assert wire.expert_id("moe_layers.0.experts.w_in_3", 4) == 3
+    assert wire.expert_id("moe_layers.1.experts.b_out_2", 4) == 6
+    assert wire.expert_id("moe_layers.1.router.weight", 4) is None
+    assert wire.expert_id("head.weight", 4) is None
+
+
+def test_round_trip_is_exact(model):
+    state = model.state_dict()
+    back = wire.to_state_dict(wire.to_record(state))
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_decoded_reply_holds_exactly_shared_and_active_tensors(model):
+    decoded = wire.decode_train_reply(reply(model, [1, 6]), global_arrays(model), 4)
+    experts = {wire.expert_id(k, 4) for k in decoded.arrays} - {None}
+    assert experts == {1, 6}
+    shared = {k for k in model.state_dict() if wire.expert_id(k, 4) is None}
+    assert shared <= decoded.arrays.keys()
+    assert decoded.site == 3 and decoded.num_examples == 100 and decoded.active_experts == [1, 6]
+    assert decoded.nbytes < wire.to_record(model.state_dict()).count_bytes()
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda c: c.array_records["arrays"].__setitem__("bogus", c.array_records["arrays"]["head.bias"]), "unknown tensor"),
+        (lambda c: c.array_records["arrays"].__setitem__("head.bias", wire.to_record({"x": torch.zeros(3)})["x"]), "expected"),
+        (lambda c: c.array_records["arrays"].__setitem__("head.bias", wire.to_record({"x": torch.full((10,), float("nan"))})["x"]), "NaN"),
+        (lambda c: c.array_records["arrays"].__setitem__("head.bias", wire.to_record({"x": torch.zeros(10, dtype=torch.float64)})["x"]), "expected"),
+        (lambda c: c.array_records["arrays"].__delitem__("moe_layers.0.experts.w_in_1"), "missing"),
+        (lambda c: c.metric_records["metrics"].__setitem__(wire.ACTIVE_EXPERTS, [1, 6, 9]), "outside"),
+        (lambda c: c.metric_records["metrics"].__setitem__(wire.ACTIVE_EXPERTS, [1]), "not active"),
+        (lambda c: c.metric_records["metrics"].__setitem__(wire.EXPERT_COUNTS, [1.0] * 7), "counts"),
+        (lambda c: c.metric_records["metrics"].__setitem__(wire.EXPERT_COUNTS, [-1.0] * 8), "counts"),
+        (lambda c: c.metric_records["metrics"].__setitem__(wire.NUM_EXAMPLES, 0), "positive"),
+        (lambda c: c.metric_records["metrics"].__delitem__(wire.TRAIN_LOSS), "missing"),
+    ],
+)
+def test_malformed_replies_are_rejected_with_a_reason(model, mutate, reason):
+    content = reply(model, [1, 6])
+    mutate(content)
+    with pytest.raises(wire.InvalidReply, match=reason):
+        wire.decode_train_reply(content, global_arrays(model), 4)
+
+
+def test_reply_without_records_is_rejected(model):
+    with pytest.raises(wire.InvalidReply):
+        wire.decode_train_reply(RecordDict({"metrics": MetricRecord({"a": 1})}), global_arrays(model), 4)
+
+
+def test_evaluate_reply_round_trip():
+    assert wire.decode_evaluate_reply(wire.encode_evaluate_reply(2, 50, 0.75, 0.6)) == (2, 50, 0.75, 0.6)
+    with pytest.raises(wire.InvalidReply):
+        wire.decode_evaluate_reply(wire.encode_evaluate_reply(2, 50, 1.5, 0.6))
