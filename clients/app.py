@@ -1,14 +1,22 @@
-"""fedmoe ClientApp: one site. Trains the shared tensors and its active experts, sends only those."""
+"""fedmoe ClientApp: one site. Trains the shared tensors and its active experts, sends only those.
+
+With dp=true the site's routing counts are released through a Gaussian mechanism before the
+active set is chosen, training is DP-SGD (Opacus), and both are charged to the site's privacy
+ledger, kept in Context.state and on node-local disk (node-config key ``state-dir``; default:
+``<run folder>/sites/site-<partition-id>``) so a restarted site continues its budget.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
+
 from flwr.clientapp import ClientApp
 
-from fedmoe import wire
+from fedmoe import privacy, wire
 from fedmoe.config import RunConfig
 from fedmoe.data import load_site
 from fedmoe.model import MoEClassifier
@@ -24,6 +32,7 @@ from fedmoe.training import (
 )
 
 app = ClientApp()
+LEDGER_STATE = "privacy-ledger"
 
 
 @lru_cache(maxsize=4)
@@ -46,21 +55,72 @@ def setup(msg: Message, context: Context):
     return cfg, partition_id, model, site_tensors(cfg, partition_id, num_partitions)
 
 
+def ledger_path(msg: Message, context: Context, site: int) -> Path:
+    state_dir = context.node_config.get("state-dir") or Path(str(msg.content[wire.CONFIG][wire.RUN_DIR])) / "sites" / f"site-{site}"
+    return Path(str(state_dir)) / "privacy_ledger.json"
+
+
+def load_ledger(cfg: RunConfig, context: Context, path: Path, site: int, num_examples: int) -> privacy.PrivacyLedger:
+    """The site's ledger: the longer of Context.state and disk, or a new one with the noise
+    multiplier planned once for the whole run."""
+    found = [privacy.PrivacyLedger.load(path)]
+    if LEDGER_STATE in context.state:
+        found.append(privacy.PrivacyLedger.from_json(str(context.state[LEDGER_STATE]["json"])))
+    found = [ledger for ledger in found if ledger is not None]
+    if found:
+        return max(found, key=lambda ledger: ledger.steps)
+    steps = privacy.steps_per_epoch(num_examples, cfg.batch_size)
+    sigma = cfg.noise_multiplier or privacy.plan_noise_multiplier(
+        cfg.target_epsilon, cfg.target_delta, 1.0 / steps, steps * cfg.local_epochs * cfg.num_server_rounds,
+        count_releases=cfg.num_server_rounds, count_noise_multiplier=cfg.count_noise_multiplier,
+    )
+    return privacy.PrivacyLedger(
+        site=site, target_epsilon=cfg.target_epsilon, delta=cfg.target_delta, noise_multiplier=sigma,
+        count_noise_multiplier=cfg.count_noise_multiplier, sample_rate=1.0 / steps,
+    )
+
+
+def save_ledger(ledger: privacy.PrivacyLedger, context: Context, path: Path) -> None:
+    ledger.save(path)
+    context.state[LEDGER_STATE] = ConfigRecord({"json": ledger.to_json()})
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, site, model, (images, labels, _, _) = setup(msg, context)
     server_round = int(msg.content[wire.CONFIG]["server-round"])
+    seed = cfg.seed * 1_000_003 + site * 10_007 + server_round
+    generator = torch.Generator().manual_seed(seed)
     counts = routing_counts(model, images)
+
+    ledger = None
+    if cfg.dp:
+        path = ledger_path(msg, context, site)
+        ledger = load_ledger(cfg, context, path, site, len(labels))
+        steps = cfg.local_epochs * privacy.steps_per_epoch(len(labels), cfg.batch_size)
+        this_round = [(cfg.count_noise_multiplier, 1.0, 1), (ledger.noise_multiplier, ledger.sample_rate, steps)]
+        projected = ledger.epsilon(this_round)
+        if projected > cfg.target_epsilon:
+            return Message(wire.encode_budget_exhausted(site, ledger.epsilon(), projected), reply_to=msg)
+        sensitivity = privacy.count_sensitivity(model.config.num_tokens, cfg.top_k, cfg.num_moe_layers)
+        counts = privacy.release_counts(counts, cfg.count_noise_multiplier, sensitivity, generator)
+        ledger.charge(this_round[:1])
+
     active = select_active_experts(counts, cfg.num_experts, cfg.active_min_share, cfg.active_top_m)
     freeze_inactive_experts(model, active)
-
-    seed = cfg.seed * 1_000_003 + site * 10_007 + server_round
     torch.manual_seed(seed)
     loader = make_loader(images, labels, cfg.batch_size, seed)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.learning_rate)
-    loss = train_epochs(model, loader, optimizer, cfg.local_epochs)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(server_round))
+    if ledger is None:
+        loss = train_epochs(model, loader, optimizer, cfg.local_epochs)
+    else:
+        loss = privacy.train_private(
+            model, loader, optimizer, cfg.local_epochs, ledger, cfg.max_grad_norm, cfg.dp_mode, generator
+        )
+        ledger.rounds.append({"round": server_round, "steps": ledger.steps, "epsilon": ledger.epsilon()})
+        save_ledger(ledger, context, path)
 
-    content = wire.encode_train_reply(trained_state(model), site, len(labels), active, counts, loss)
+    content = wire.encode_train_reply(trained_state(model), site, len(labels), active, counts, loss, ledger)
     return Message(content, reply_to=msg)
 
 

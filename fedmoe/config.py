@@ -43,14 +43,14 @@ def _open_fraction(value: float) -> str | None:
     return None if 0.0 < value < 1.0 else "must be in (0, 1)"
 
 
-def _key(default: Any, check=None, help: str = ""):
-    return field(default=default, metadata={"check": check, "help": help})
+def _key(default: Any, check=None, help: str = "", allow_inf: bool = False):
+    return field(default=default, metadata={"check": check, "help": help, "allow_inf": allow_inf})
 
 
 @dataclass(frozen=True)
 class RunConfig:
     # Federation
-    num_server_rounds: int = _key(5, _at_least(1), "federated rounds")
+    num_server_rounds: int = _key(10, _at_least(1), "federated rounds")
     fraction_train: float = _key(1.0, _fraction, "share of connected sites sampled per round")
     fraction_evaluate: float = _key(1.0, _fraction, "share of sites asked to evaluate")
     min_nodes: int = _key(2, _at_least(1), "sites that must be connected before a round starts")
@@ -59,6 +59,7 @@ class RunConfig:
     local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
     batch_size: int = _key(64, _at_least(1), "expected local batch size")
     learning_rate: float = _key(0.002, _positive, "local optimiser step size")
+    learning_rate_decay: float = _key(0.85, _fraction, "client step size in round r is learning-rate * decay^(r-1)")
     optimizer: str = _key("adam", _choice("adam", "sgd"), "local optimiser")
     seed: int = _key(0, _at_least(0), "seed for model init, data split and training")
     # Data
@@ -81,6 +82,14 @@ class RunConfig:
     # Active-set selection
     active_top_m: int = _key(2, _at_least(0), "a site trains at most its m most used experts per layer (0: no cap)")
     active_min_share: float = _key(0.05, _fraction, "an expert needs this share of a site's routed tokens to be trained")
+    # Differential privacy (sample-level DP-SGD per site, Opacus, RDP accounting)
+    dp: bool = _key(False, None, "train with DP-SGD and release routing counts through a Gaussian mechanism")
+    target_epsilon: float = _key(8.0, _positive, "each site's epsilon budget for the whole run (inf: clip only, no noise)", allow_inf=True)
+    target_delta: float = _key(1e-5, _open_fraction, "delta of the (epsilon, delta) guarantee")
+    max_grad_norm: float = _key(1.0, _positive, "per-sample gradient clipping bound")
+    noise_multiplier: float = _key(0.0, _at_least(0.0), "DP-SGD noise multiplier; 0: derived once from target-epsilon and the planned steps")
+    count_noise_multiplier: float = _key(20.0, _positive, "Gaussian noise on released routing counts, in units of their sensitivity")
+    dp_mode: str = _key("ghost", _choice("ghost", "hooks"), "Opacus per-sample clipping: ghost (norms only) or hooks (per-sample grads)")
     # Output
     results_dir: str = _key("results", None, "folder for run folders (relative to the ServerApp's working directory)")
     run_name: str = _key("", None, "run folder name; empty: timestamp and run id")
@@ -88,7 +97,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
+            if isinstance(value, float) and not (math.isfinite(value) or (f.metadata["allow_inf"] and value == math.inf)):
                 raise ConfigError(f"run config '{config_key(f.name)}': must be finite, got {value}")
             check = f.metadata.get("check")
             problem = check(value) if check else None
@@ -118,6 +127,9 @@ class RunConfig:
             f = fields[key]
             values[f.name] = _coerce(key, raw, type(f.default))
         return cls(**values)
+
+    def round_learning_rate(self, server_round: int) -> float:
+        return self.learning_rate * self.learning_rate_decay ** (server_round - 1)
 
     def as_run_config(self) -> dict[str, Any]:
         return {config_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -184,7 +184,7 @@ class MoEClassifier(nn.Module):
         """images [N, C, H, W] -> (class logits [N, classes], weighted aux loss [N])."""
         tokens = self.patches(images)
         n = tokens.shape[0]
-        positions = torch.arange(self.config.num_tokens, device=images.device).expand(n, -1)
+        positions = torch.arange(self.config.num_tokens, device=images.device).repeat(n, 1)
         x = self.embed(tokens) + self.position(positions)
         aux = x.new_zeros(n)
         for layer in self.moe_layers:

@@ -66,7 +66,7 @@ def _mb(nbytes: int) -> str:
 class RunRecorder:
     """Collects per-round rows, prints the console table and keeps summary.json current."""
 
-    HEADER = f"{'round':>5} {'acc':>7} {'loss':>7} {'up MB':>9} {'down MB':>9} {'load CV':>7}  experts per site"
+    HEADER = f"{'round':>5} {'acc':>7} {'loss':>7} {'up MB':>9} {'down MB':>9} {'load CV':>7} {'eps max':>7} {'eps mean':>8}  experts per site"
 
     def __init__(self, results_dir: str | Path, run_name: str, config: dict[str, Any], full_model_bytes: int, extra: dict[str, Any] | None = None) -> None:
         self.results_dir = Path(results_dir).resolve()
@@ -90,15 +90,26 @@ class RunRecorder:
         self.summary["rounds"].append(row)
         self.summary["final_accuracy"] = row["accuracy"]
         self.summary["wall_seconds"] = round(time.time() - self.started, 2)
+        eps = list(row.get("site_epsilon", {}).values())
+        row["epsilon_max"] = max(eps) if eps else None
+        row["epsilon_mean"] = sum(eps) / len(eps) if eps else None
+        eps_cols = f"{max(eps):>7.3f} {row['epsilon_mean']:>8.3f}" if eps else f"{'-':>7} {'-':>8}"
+        skipped = f" (budget exhausted: {','.join(sorted(row['budget_exhausted']))})" if row.get("budget_exhausted") else ""
         print(
             f"{row['round']:>5} {row['accuracy']:>7.4f} {row['loss']:>7.4f} {_mb(row['uplink_bytes']):>9} "
-            f"{_mb(row['downlink_bytes']):>9} {row['expert_load_cv']:>7.3f}  {_format_experts(row['active_experts'])}",
+            f"{_mb(row['downlink_bytes']):>9} {row['expert_load_cv']:>7.3f} {eps_cols}  "
+            f"{_format_experts(row['active_experts'])}{skipped}",
             flush=True,
         )
         self._write()
 
     def checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
         atomic_torch_save(self.run_dir / "checkpoint.pt", {"round": server_round, "model": state})
+
+    def write_privacy_ledger(self, ledgers: dict[str, str]) -> None:
+        """privacy_ledger.json: per site, the accountant, its history and the epsilon it reported."""
+        sites = {site: json.loads(text) for site, text in sorted(ledgers.items(), key=lambda kv: int(kv[0]))}
+        atomic_write_json(self.run_dir / "privacy_ledger.json", {"sites": sites})
 
     def finish(self, status: str = "completed", **fields: Any) -> Path:
         self.summary.update(fields)

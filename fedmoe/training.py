@@ -45,27 +45,43 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torc
     raise ValueError(f"optimizer must be adam or sgd, got {name!r}")
 
 
-def per_sample_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy plus the weighted router auxiliary losses, one value per sample: [N]."""
-    logits, aux = model(images)
-    return F.cross_entropy(logits, labels, reduction="none") + aux
+class MoELoss(nn.Module):
+    """Cross-entropy plus the model's weighted router losses, both per sample, then reduced.
+
+    Takes the model's output ``(logits [N, C], aux [N])``. ``reduction`` is an attribute, as
+    Opacus' ghost clipping expects of a criterion (it switches it to "none" to get [N]).
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, output: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        logits, aux = output
+        per_sample = F.cross_entropy(logits, labels, reduction="none") + aux
+        if self.reduction == "none":
+            return per_sample
+        if self.reduction == "sum":
+            return per_sample.sum()
+        # an empty Poisson batch still takes its (noise-only) step: mean over at least one
+        return per_sample.sum() / max(len(labels), 1)
 
 
-def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, epochs: int) -> float:
-    """Run ``epochs`` passes; return the mean per-sample loss over all steps."""
+def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, epochs: int,
+                 criterion: nn.Module | None = None) -> float:
+    """Run ``epochs`` passes; return the mean per-batch loss."""
+    criterion = criterion or MoELoss()
     model.train()
-    total, seen = 0.0, 0
+    total, steps = 0.0, 0
     for _ in range(epochs):
         for images, labels in loader:
-            if len(labels) == 0:  # Poisson sampling can draw an empty batch
-                continue
             optimizer.zero_grad(set_to_none=True)
-            loss = per_sample_loss(model, images, labels)
-            loss.mean().backward()
+            loss = criterion(model(images), labels)
+            loss.backward()
             optimizer.step()
-            total += float(loss.detach().sum())
-            seen += len(labels)
-    return total / max(seen, 1)
+            total += float(loss.detach())
+            steps += 1
+    return total / max(steps, 1)
 
 
 @torch.no_grad()

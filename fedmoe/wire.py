@@ -9,6 +9,10 @@ experts) and the metrics hold:
   active-experts  list[int], global expert ids (layer * num_experts + expert) it trained
   expert-counts   list[float] of length layers * num_experts, tokens routed per expert (>= 0)
   train-loss      float
+  epsilon         float, the site's epsilon so far (dp only; with a "privacy" ConfigRecord
+                  holding its ledger as JSON)
+A site whose privacy budget would be exceeded replies RecordDict{"status": ConfigRecord} with
+status "budget-exhausted" instead. The server sends ConfigRecord{"server-round", "run-dir"}.
 """
 
 from __future__ import annotations
@@ -19,23 +23,36 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
+PRIVACY = "privacy"
+STATUS = "status"
+RUN_DIR = "run-dir"
+BUDGET_EXHAUSTED = "budget-exhausted"
 
 NUM_EXAMPLES = "num-examples"
 SITE = "partition-id"
 ACTIVE_EXPERTS = "active-experts"
 EXPERT_COUNTS = "expert-counts"
 TRAIN_LOSS = "train-loss"
+EPSILON = "epsilon"
 
 _EXPERT_KEY = re.compile(r"^moe_layers\.(\d+)\.experts\.[a-z_]+?_(\d+)$")
 
 
 class InvalidReply(ValueError):
     """A reply that must not be aggregated; the message says why."""
+
+
+class BudgetExhausted(Exception):
+    """The site did not train: its next round would exceed its privacy budget."""
+
+    def __init__(self, site: int, epsilon: float) -> None:
+        super().__init__(f"site {site} stopped at epsilon {epsilon:.3f}: privacy budget exhausted")
+        self.site, self.epsilon = site, epsilon
 
 
 def expert_id(key: str, num_experts: int) -> int | None:
@@ -67,11 +84,13 @@ class TrainReply:
     expert_counts: np.ndarray
     train_loss: float
     nbytes: int  # bytes of the ArrayRecord as received
+    epsilon: float | None = None
+    ledger_json: str | None = None
 
 
 def encode_train_reply(
     trained: Mapping[str, torch.Tensor], site: int, num_examples: int,
-    active_experts: list[int], expert_counts: np.ndarray, train_loss: float,
+    active_experts: list[int], expert_counts: np.ndarray, train_loss: float, ledger=None,
 ) -> RecordDict:
     metrics = MetricRecord({
         NUM_EXAMPLES: int(num_examples),
@@ -80,13 +99,27 @@ def encode_train_reply(
         EXPERT_COUNTS: [float(c) for c in expert_counts],
         TRAIN_LOSS: float(train_loss),
     })
-    return RecordDict({ARRAYS: to_record(trained), METRICS: metrics})
+    content = RecordDict({ARRAYS: to_record(trained), METRICS: metrics})
+    if ledger is not None:
+        metrics[EPSILON] = float(ledger.epsilon())
+        content[PRIVACY] = ConfigRecord({"ledger": ledger.to_json()})
+    return content
+
+
+def encode_budget_exhausted(site: int, epsilon: float, projected: float) -> RecordDict:
+    return RecordDict({STATUS: ConfigRecord({
+        STATUS: BUDGET_EXHAUSTED, SITE: int(site), EPSILON: float(epsilon), "projected-epsilon": float(projected),
+    })})
 
 
 def decode_train_reply(
     content: RecordDict, global_arrays: Mapping[str, np.ndarray], num_experts: int
 ) -> TrainReply:
-    """Parse and validate a train reply against the current global model; raise InvalidReply."""
+    """Parse and validate a train reply against the current global model; raise InvalidReply
+    (or BudgetExhausted for a site that declined to train)."""
+    status = content.config_records.get(STATUS)
+    if status is not None and status.get(STATUS) == BUDGET_EXHAUSTED:
+        raise BudgetExhausted(int(status.get(SITE, -1)), float(status.get(EPSILON, float("nan"))))
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         raise InvalidReply(f"reply lacks the '{ARRAYS}' ArrayRecord or the '{METRICS}' MetricRecord")
     metrics = content.metric_records[METRICS]
@@ -131,9 +164,16 @@ def decode_train_reply(
         raise InvalidReply(
             f"tensors do not match the active experts {active}: missing {missing}, not active {extra}"
         )
+    epsilon, ledger_json = None, None
+    if EPSILON in metrics:
+        epsilon = float(metrics[EPSILON])
+        if not epsilon >= 0:
+            raise InvalidReply(f"'{EPSILON}' must be >= 0, got {epsilon}")
+        ledger_json = str(content.config_records[PRIVACY]["ledger"]) if PRIVACY in content.config_records else None
     return TrainReply(
         site=int(metrics[SITE]), num_examples=num_examples, arrays=arrays, active_experts=list(active),
         expert_counts=counts, train_loss=float(metrics[TRAIN_LOSS]), nbytes=record.count_bytes(),
+        epsilon=epsilon, ledger_json=ledger_json,
     )
 
 

@@ -7,7 +7,7 @@ import time
 from logging import INFO
 
 import torch
-from flwr.app import Context, MetricRecord
+from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
@@ -37,6 +37,11 @@ def main(grid: Grid, context: Context) -> None:
         extra={"model_parameters": sum(p.numel() for p in model.parameters())},
     )
     log(INFO, "fedmoe: run folder %s", recorder.run_dir)
+    if cfg.dp:
+        log(INFO, "fedmoe: differential privacy ON: DP-SGD (%s clipping, C=%s), target (epsilon=%s, delta=%s) per site, RDP accountant",
+            cfg.dp_mode, cfg.max_grad_norm, cfg.target_epsilon, cfg.target_delta)
+    else:
+        log(INFO, "fedmoe: differential privacy OFF (dp=false)")
 
     strategy = ExpertMatched(
         num_experts=cfg.num_experts,
@@ -56,12 +61,14 @@ def main(grid: Grid, context: Context) -> None:
             recorder.record_round(
                 {"round": server_round, "accuracy": accuracy, "loss": loss, **dataclasses.asdict(stats)}
             )
+            if cfg.dp:
+                recorder.write_privacy_ledger(strategy.ledgers)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     try:
         strategy.start(
             grid=grid, initial_arrays=initial_arrays, num_rounds=cfg.num_server_rounds,
-            evaluate_fn=central_evaluate,
+            train_config=ConfigRecord({wire.RUN_DIR: str(recorder.run_dir)}), evaluate_fn=central_evaluate,
         )
     except BaseException:
         recorder.finish("failed")

@@ -40,6 +40,8 @@ class RoundStats:
     expert_load: list[float] = field(default_factory=list)
     expert_load_cv: float = 0.0
     train_loss: float = float("nan")
+    budget_exhausted: dict[str, float] = field(default_factory=dict)
+    site_epsilon: dict[str, float] = field(default_factory=dict)
     site_accuracy: dict[str, float] = field(default_factory=dict)
     site_loss: dict[str, float] = field(default_factory=dict)
 
@@ -60,6 +62,7 @@ class ExpertMatched(FedAvg):
         self.num_experts = num_experts
         self.global_arrays: dict[str, np.ndarray] = {}
         self.round_stats: dict[int, RoundStats] = {}
+        self.ledgers: dict[str, str] = {}  # site -> its newest privacy ledger (JSON)
 
     def summary(self) -> None:
         super().summary()
@@ -91,6 +94,10 @@ class ExpertMatched(FedAvg):
                 try:
                     valid.append(wire.decode_train_reply(msg.content, self.global_arrays, self.num_experts))
                     continue
+                except wire.BudgetExhausted as exc:
+                    log(INFO, "round %d: %s", server_round, exc)
+                    stats.budget_exhausted[str(exc.site)] = exc.epsilon
+                    continue
                 except wire.InvalidReply as exc:
                     reason = f"node {node}: {exc}"
             log(WARNING, "round %d: dropped reply from %s", server_round, reason)
@@ -115,6 +122,8 @@ class ExpertMatched(FedAvg):
         stats.uplink_bytes = sum(r.nbytes for r in valid)
         stats.site_uplink_bytes = {str(r.site): r.nbytes for r in valid}
         stats.active_experts = {str(r.site): r.active_experts for r in valid}
+        stats.site_epsilon = {str(r.site): r.epsilon for r in valid if r.epsilon is not None}
+        self.ledgers.update({str(r.site): r.ledger_json for r in valid if r.ledger_json})
         stats.expert_load = load.tolist()
         stats.expert_load_cv = float(np.mean([
             load_coefficient_of_variation(layer) for layer in load.reshape(-1, self.num_experts)

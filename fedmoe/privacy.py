@@ -1,0 +1,255 @@
+"""Opacus glue: per-sample gradients and norms of the expert bank, the privacy ledger, noise planning.
+
+Accounting is Opacus' RDP accountant (``opacus.accountants.RDPAccountant``). A site's ledger is
+one accountant history for the whole run: entries (noise multiplier, sample rate, steps) for its
+DP-SGD steps and one full-batch Gaussian entry (sigma_c, 1.0, 1) per release of its routing
+counts. The history is restored before each round and saved after it, so epsilon accumulates
+over rounds and restarts exactly as one accountant that saw every step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+
+from .model import ExpertBank
+from .results import atomic_write_json
+
+ACCOUNTANT = "rdp"
+MAX_SIGMA = 1e4
+
+
+# --- per-sample gradients of the expert bank -----------------------------------------------------
+
+def _expert_terms(bank: ExpertBank, x: torch.Tensor, index: torch.Tensor, backprops: torch.Tensor, e: int):
+    """For expert e: (input x [N,T,d], hidden activation [N,T,h], output grad [N,T,d], hidden
+    pre-activation grad [N,T,h]); the grads are zero on tokens not routed to e."""
+    w_in, b_in, w_out, _ = bank.expert_params(e)
+    routed = (index == e).unsqueeze(-1).to(backprops.dtype)
+    g_out = backprops * routed
+    pre = x @ w_in + b_in
+    hidden = torch.nn.functional.gelu(pre)
+    g_pre = torch.ops.aten.gelu_backward(g_out @ w_out.T, pre)
+    return x, hidden, g_out, g_pre
+
+
+def _trainable_experts(bank: ExpertBank) -> list[int]:
+    return [e for e in range(bank.num_experts) if any(p.requires_grad for p in bank.expert_params(e))]
+
+
+@register_grad_sampler(ExpertBank)
+def compute_expert_bank_grad_sample(
+    bank: ExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Per-sample grads: x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N, *param.shape]}."""
+    x, index = activations[0].to(backprops.dtype), activations[1]
+    ret = {}
+    for e in _trainable_experts(bank):
+        w_in, b_in, w_out, b_out = bank.expert_params(e)
+        x_in, hidden, g_out, g_pre = _expert_terms(bank, x, index, backprops, e)
+        grads = {
+            w_in: torch.einsum("ntd,nth->ndh", x_in, g_pre),
+            b_in: g_pre.sum(dim=1),
+            w_out: torch.einsum("nth,ntd->nhd", hidden, g_out),
+            b_out: g_out.sum(dim=1),
+        }
+        ret.update({p: g for p, g in grads.items() if p.requires_grad})
+    return ret
+
+
+def _outer_sum_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """|| sum_t a_t g_t^T ||_F per sample for a [N,T,p], g [N,T,q], without forming [N,p,q] when
+    the Gram form sum_{t,s} (a_t.a_s)(g_t.g_s) is cheaper."""
+    n, t, p = a.shape
+    q = g.shape[-1]
+    if t * t * (p + q) < t * p * q:
+        sq = (torch.einsum("ntp,nsp->nts", a, a) * torch.einsum("ntq,nsq->nts", g, g)).sum(dim=(1, 2))
+    else:
+        sq = torch.einsum("ntp,ntq->npq", a, g).pow(2).sum(dim=(1, 2))
+    return sq.clamp_min(0).sqrt()
+
+
+@register_norm_sampler(ExpertBank)
+def compute_expert_bank_norm_sample(
+    bank: ExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Per-sample grad norms (ghost clipping): x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N]}."""
+    x, index = activations[0].to(backprops.dtype), activations[1]
+    ret = {}
+    for e in _trainable_experts(bank):
+        w_in, b_in, w_out, b_out = bank.expert_params(e)
+        x_in, hidden, g_out, g_pre = _expert_terms(bank, x, index, backprops, e)
+        norms = {
+            w_in: _outer_sum_norm(x_in, g_pre),
+            b_in: g_pre.sum(dim=1).norm(dim=-1),
+            w_out: _outer_sum_norm(hidden, g_out),
+            b_out: g_out.sum(dim=1).norm(dim=-1),
+        }
+        ret.update({p: v for p, v in norms.items() if p.requires_grad})
+    return ret
+
+
+# --- accounting ----------------------------------------------------------------------------------
+
+HistoryEntry = tuple[float, float, int]  # (noise multiplier, sample rate, steps), as RDPAccountant
+
+
+def epsilon_of(history: list[HistoryEntry], delta: float) -> float:
+    """Epsilon of a composed history under Opacus' RDP accountant (0 for an empty history)."""
+    if not history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in history):
+        return math.inf
+    accountant = RDPAccountant()
+    accountant.history = [tuple(h) for h in history]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def plan_noise_multiplier(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int,
+    count_releases: int = 0, count_noise_multiplier: float = 0.0, tolerance: float = 0.01,
+) -> float:
+    """Smallest DP-SGD noise multiplier (to ``tolerance`` in epsilon) such that ``steps`` steps at
+    ``sample_rate`` plus ``count_releases`` full-batch Gaussian releases stay within the target."""
+    if math.isinf(target_epsilon):
+        return 0.0
+
+    def eps(sigma: float) -> float:
+        history = [(sigma, sample_rate, steps)]
+        if count_releases:
+            history.append((count_noise_multiplier, 1.0, count_releases))
+        return epsilon_of(history, delta)
+
+    floor = epsilon_of([(count_noise_multiplier, 1.0, count_releases)], delta) if count_releases else 0.0
+    if floor >= target_epsilon:
+        raise ValueError(
+            f"target-epsilon {target_epsilon} is spent by the {count_releases} count releases alone "
+            f"(epsilon {floor:.2f}); raise count-noise-multiplier or the target"
+        )
+    low, high = 0.0, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > MAX_SIGMA:
+            raise ValueError(f"target-epsilon {target_epsilon} is unreachable for {steps} steps")
+    while eps(high) < target_epsilon - tolerance and high - low > 1e-4:
+        mid = (low + high) / 2
+        if eps(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def count_sensitivity(tokens_per_sample: int, top_k: int, num_layers: int) -> float:
+    """L2 sensitivity of the routed token counts to one sample: each of its tokens adds 1 to k
+    distinct experts per layer, so its count vector has entries <= tokens and norm <= tokens*sqrt(k*L)."""
+    return tokens_per_sample * math.sqrt(top_k * num_layers)
+
+
+def release_counts(counts: np.ndarray, noise_multiplier: float, sensitivity: float, generator: torch.Generator) -> np.ndarray:
+    """Gaussian mechanism on routing counts; negative results are clamped to 0 (post-processing)."""
+    noise = torch.randn(len(counts), generator=generator, dtype=torch.float64).numpy()
+    return np.clip(counts + noise * noise_multiplier * sensitivity, 0.0, None)
+
+
+@dataclass
+class PrivacyLedger:
+    """One site's privacy state for a whole run; everything needed to recompute its epsilon."""
+
+    site: int
+    target_epsilon: float
+    delta: float
+    noise_multiplier: float
+    count_noise_multiplier: float
+    sample_rate: float
+    accountant: str = ACCOUNTANT
+    history: list[HistoryEntry] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return sum(s for _, _, s in self.history)
+
+    def epsilon(self, extra: list[HistoryEntry] | None = None) -> float:
+        return epsilon_of(self.history + list(extra or []), self.delta)
+
+    def charge(self, entries: list[HistoryEntry]) -> None:
+        """Append entries, merging with the last one when the mechanism is identical (as Opacus does)."""
+        for sigma, rate, steps in entries:
+            if steps <= 0:
+                continue
+            if self.history and self.history[-1][:2] == (sigma, rate):
+                self.history[-1] = (sigma, rate, self.history[-1][2] + steps)
+            else:
+                self.history.append((sigma, rate, steps))
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["history"] = [list(h) for h in self.history]
+        d["target_epsilon"] = _json_float(self.target_epsilon)
+        d["epsilon"] = _json_float(self.epsilon())
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrivacyLedger":
+        d = json.loads(text)
+        d.pop("epsilon", None)
+        d["history"] = [(float(s), float(q), int(n)) for s, q, n in d["history"]]
+        d["target_epsilon"] = float(d["target_epsilon"])
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, json.loads(self.to_json()))
+
+    @classmethod
+    def load(cls, path: Path) -> "PrivacyLedger | None":
+        return cls.from_json(path.read_text()) if path.exists() else None
+
+
+def _json_float(x: float) -> float | str:
+    return "inf" if math.isinf(x) else x
+
+
+# --- one round of DP-SGD ---------------------------------------------------------------------------
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Batches per epoch; Opacus' Poisson loader keeps this length with sample rate 1/length."""
+    return max(1, math.ceil(num_examples / batch_size))
+
+
+def train_private(
+    model: torch.nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
+    epochs: int, ledger: PrivacyLedger, max_grad_norm: float, mode: str, generator: torch.Generator,
+) -> float:
+    """DP-SGD on ``model``'s trainable parameters with Poisson sampling; the accountant starts
+    from the ledger's history and the ledger takes the updated history. Returns the mean loss."""
+    from opacus import PrivacyEngine
+
+    from .training import MoELoss, train_epochs
+
+    model.train()
+    engine = PrivacyEngine(accountant=ACCOUNTANT)
+    engine.accountant.history = list(ledger.history)
+    wrapped = engine.make_private(
+        module=model, optimizer=optimizer, criterion=MoELoss(), data_loader=loader,
+        noise_multiplier=ledger.noise_multiplier, max_grad_norm=max_grad_norm,
+        grad_sample_mode=mode, poisson_sampling=True, noise_generator=generator,
+    )
+    if mode == "ghost":
+        private_model, private_optimizer, criterion, private_loader = wrapped
+    else:
+        (private_model, private_optimizer, private_loader), criterion = wrapped, MoELoss()
+    try:
+        loss = train_epochs(private_model, private_loader, private_optimizer, epochs, criterion)
+    finally:
+        private_model._close()  # detach Opacus' hooks; ``model`` holds the trained weights
+    ledger.history = [tuple(h) for h in engine.accountant.history]
+    return loss
