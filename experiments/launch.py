@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +107,14 @@ def simulation_superlink(log_path: Path) -> Iterator[tuple[str, dict[str, str]]]
             process.wait()
 
 
-def submit(app: Path, connection: str, env: dict[str, str], overrides: Mapping[str, Any],
-           federation_config: Mapping[str, Any] | None, stream_to) -> None:
-    cmd = [str(BIN / "flwr"), "run", str(app), connection, "--stream", *config_args(overrides)]
+def submit(app: Path, connection: str, env: Mapping[str, str], overrides: Mapping[str, Any],
+           federation_config: Mapping[str, Any] | None, stream_to, prefix: Sequence[str] = (),
+           timeout: float | None = None) -> None:
+    cmd = [*prefix, str(BIN / "flwr"), "run", str(app), connection, "--stream", *config_args(overrides)]
     if federation_config:
         cmd += ["--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items())]
     print("+ " + shlex.join(cmd), file=stream_to, flush=True)
-    completed = subprocess.run(cmd, env=env, stdout=stream_to, stderr=subprocess.STDOUT, cwd=app)
+    completed = subprocess.run(cmd, env=dict(env), stdout=stream_to, stderr=subprocess.STDOUT, cwd=app, timeout=timeout)
     if completed.returncode != 0:
         raise RunFailed(f"flwr run exited with code {completed.returncode}")
 
@@ -122,8 +123,12 @@ def run_app(
     overrides: Mapping[str, Any] | None = None, *, sites: int = 3, target: str = SIMULATION,
     results_dir: Path | str = ROOT / "results", run_name: str | None = None,
     app: Path = ROOT, log_path: Path | None = None, quiet: bool = False,
+    env: Mapping[str, str] | None = None, command_prefix: Sequence[str] = (), timeout: float | None = None,
 ) -> dict[str, Any]:
-    """Run the app once and return its summary.json (raises RunFailed unless it completed)."""
+    """Run the app once and return its summary.json (raises RunFailed unless it completed).
+
+    For a named target, ``env`` (FLWR_HOME) says where its connection is defined and
+    ``command_prefix`` wraps the flwr CLI (e.g. ``ip netns exec HOST``)."""
     results_dir = Path(results_dir).resolve()
     run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     overrides = {**(overrides or {}), "results-dir": str(results_dir), "run-name": run_name}
@@ -134,10 +139,10 @@ def run_app(
         out = stream_to or sys.stdout
         if target == SIMULATION:
             fed = {"num-supernodes": sites, "client-resources-num-cpus": 1}
-            with simulation_superlink(log_path.with_suffix(".superlink.log")) as (connection, env):
-                submit(app, connection, env, overrides, fed, out)
+            with simulation_superlink(log_path.with_suffix(".superlink.log")) as (connection, sim_env):
+                submit(app, connection, sim_env, overrides, fed, out, timeout=timeout)
         else:
-            submit(app, target, dict(os.environ), overrides, None, out)
+            submit(app, target, env or os.environ, overrides, None, out, command_prefix, timeout)
     summary_path = results_dir / run_name / "summary.json"
     if not summary_path.exists():
         raise RunFailed(f"run wrote no {summary_path}; see {log_path}")

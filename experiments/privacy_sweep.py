@@ -1,0 +1,161 @@
+"""Privacy-budget sweep: accuracy against epsilon on the multi-domain split.
+
+    python -m experiments.privacy_sweep --preset smoke|full --out DIR [--target simulation|CONNECTION]
+
+Runs the fedmoe app (through experiments.launch) once per (target epsilon, seed) with dp=true,
+plus a dp=false reference per seed, and writes
+  DIR/sweep.csv   target_epsilon, seed, achieved_epsilon, final_accuracy, uplink_bytes_total, wall_seconds, ...
+  DIR/sweep.png   final accuracy against epsilon (mean and min-max over seeds), no-DP reference line
+  DIR/sweep.md    the table
+target_epsilon "inf" means clipping without noise; achieved_epsilon is the largest epsilon any
+site reported at the end of the run (from its RDP ledger).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .launch import SIMULATION, run_app
+from .reporting import markdown_table, progress
+
+PRESETS = {
+    "smoke": {
+        "epsilons": [1.0, 2.0, 4.0, 8.0, math.inf],
+        "seeds": [0],
+        "sites": 3,
+        "config": {"num-server-rounds": 3, "max-examples-per-site": 2000, "partitioning": "domain"},
+    },
+    "full": {
+        "epsilons": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf],
+        "seeds": [0, 1, 2],
+        "sites": 3,
+        "config": {"num-server-rounds": 5, "max-examples-per-site": 6000, "partitioning": "domain"},
+    },
+}
+
+COLUMNS = ["target_epsilon", "seed", "dp", "achieved_epsilon", "final_accuracy", "uplink_bytes_total",
+           "downlink_bytes_total", "rounds", "wall_seconds", "run"]
+
+
+@dataclass
+class SweepPoint:
+    target_epsilon: float | None  # None: the dp=false reference
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return "no-dp" if self.target_epsilon is None else f"eps={_fmt_eps(self.target_epsilon)}"
+
+
+def _fmt_eps(x: float | None) -> str:
+    if x is None:
+        return ""
+    return "inf" if math.isinf(x) else f"{x:g}"
+
+
+def row_from_summary(point: SweepPoint, summary: dict[str, Any], wall: float, run: str) -> dict[str, Any]:
+    rounds = summary["rounds"]
+    eps = [r["epsilon_max"] for r in rounds if r.get("epsilon_max") is not None]
+    return {
+        "target_epsilon": _fmt_eps(point.target_epsilon),
+        "seed": point.seed,
+        "dp": point.target_epsilon is not None,
+        "achieved_epsilon": _fmt_eps(eps[-1]) if eps else "",
+        "final_accuracy": round(summary["final_accuracy"], 4),
+        "uplink_bytes_total": sum(r["uplink_bytes"] for r in rounds),
+        "downlink_bytes_total": sum(r["downlink_bytes"] for r in rounds),
+        "rounds": len(rounds),
+        "wall_seconds": round(wall, 1),
+        "run": run,
+    }
+
+
+def run_sweep(preset: dict[str, Any], out: Path, target: str = SIMULATION) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    points = [SweepPoint(None, s) for s in preset["seeds"]]
+    points += [SweepPoint(e, s) for e in preset["epsilons"] for s in preset["seeds"]]
+    rows: list[dict[str, Any]] = []
+    started = time.time()
+    for i, point in enumerate(points):
+        progress(i, len(points), started, f"{point.label} seed={point.seed}")
+        overrides = {**preset["config"], "seed": point.seed, "dp": point.target_epsilon is not None}
+        if point.target_epsilon is not None:
+            overrides["target-epsilon"] = point.target_epsilon
+        run = f"{point.label}-seed{point.seed}"
+        t0 = time.time()
+        summary = run_app(overrides, sites=preset["sites"], target=target, results_dir=out / "runs",
+                          run_name=run, quiet=True)
+        rows.append(row_from_summary(point, summary, time.time() - t0, run))
+        write_csv(rows, out / "sweep.csv")
+    progress(len(points), len(points), started, "done")
+    (out / "sweep.md").write_text(markdown_table(rows, COLUMNS[:-1]) + "\n")
+    plot(rows, out / "sweep.png")
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    dp_rows = [r for r in rows if r["dp"]]
+    finite = sorted({float(r["target_epsilon"]) for r in dp_rows if r["target_epsilon"] != "inf"})
+    inf_x = (max(finite) * 2.5) if finite else 1.0
+    xs, means, lows, highs = [], [], [], []
+    for label in [*map(_fmt_eps, finite), "inf"]:
+        accs = [r["final_accuracy"] for r in dp_rows if r["target_epsilon"] == label]
+        if not accs:
+            continue
+        xs.append(inf_x if label == "inf" else float(label))
+        means.append(np.mean(accs))
+        lows.append(min(accs))
+        highs.append(max(accs))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, means, "o-", label="expert-matched + DP-SGD (mean over seeds)")
+    ax.fill_between(xs, lows, highs, alpha=0.25, label="min-max over seeds")
+    reference = [r["final_accuracy"] for r in rows if not r["dp"]]
+    if reference:
+        ax.axhline(np.mean(reference), color="k", linestyle="--", label="no DP")
+    ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([("∞\n(clip only)" if x == inf_x else f"{x:g}") for x in xs])
+    ax.set_xlabel("target epsilon per site (delta = 1e-5)")
+    ax.set_ylabel("final global test accuracy")
+    ax.set_title("fedmoe: accuracy against privacy budget")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--target", default=SIMULATION, help="'simulation' or a SuperLink connection name")
+    args = parser.parse_args(argv)
+    rows = run_sweep(PRESETS[args.preset], args.out, args.target)
+    print(markdown_table(rows, COLUMNS[:-1]))
+    print(f"\nwrote {args.out / 'sweep.csv'}, {args.out / 'sweep.png'}, {args.out / 'sweep.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
