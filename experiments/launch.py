@@ -143,7 +143,8 @@ def run_app(
                 submit(app, connection, sim_env, overrides, fed, out, timeout=timeout)
         else:
             submit(app, target, env or os.environ, overrides, None, out, command_prefix, timeout)
-    summary_path = results_dir / run_name / "summary.json"
+    # a resumed run continues in the folder it resumes
+    summary_path = (results_dir / str(overrides.get("resume") or run_name)).resolve() / "summary.json"
     if not summary_path.exists():
         raise RunFailed(f"run wrote no {summary_path}; see {log_path}")
     summary = json.loads(summary_path.read_text())

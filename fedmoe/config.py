@@ -54,6 +54,7 @@ class RunConfig:
     fraction_train: float = _key(1.0, _fraction, "share of connected sites sampled per round")
     fraction_evaluate: float = _key(1.0, _fraction, "share of sites asked to evaluate")
     min_nodes: int = _key(2, _at_least(1), "sites that must be connected before a round starts")
+    round_timeout: float = _key(600.0, _positive, "seconds the server waits for replies in a round; sites that miss it are logged as lost")
     strategy: str = _key("expert-matched", _choice("expert-matched"), "server aggregation")
     # Local training
     local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
@@ -93,6 +94,7 @@ class RunConfig:
     # Output
     results_dir: str = _key("results", None, "folder for run folders (relative to the ServerApp's working directory)")
     run_name: str = _key("", None, "run folder name; empty: timestamp and run id")
+    resume: str = _key("", None, "continue the run in this folder of results-dir ('latest' for the newest) from its checkpoint")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -6,6 +6,7 @@ written to a temporary name in the same folder and moved into place with os.repl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -55,6 +56,16 @@ def point_latest(results_dir: Path, run_dir: Path) -> None:
     os.replace(tmp, link)
 
 
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Digest of a model's tensors (names, dtypes, shapes, bytes) in key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{t.dtype}:{list(t.shape)}".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _format_experts(active: dict[str, list[int]]) -> str:
     return " ".join(f"{site}:{','.join(map(str, ids))}" for site, ids in sorted(active.items(), key=lambda kv: int(kv[0])))
 
@@ -68,21 +79,32 @@ class RunRecorder:
 
     HEADER = f"{'round':>5} {'acc':>7} {'loss':>7} {'up MB':>9} {'down MB':>9} {'load CV':>7} {'eps max':>7} {'eps mean':>8}  experts per site"
 
-    def __init__(self, results_dir: str | Path, run_name: str, config: dict[str, Any], full_model_bytes: int, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, results_dir: str | Path, run_name: str, config: dict[str, Any], full_model_bytes: int,
+                 extra: dict[str, Any] | None = None, resume: bool = False) -> None:
+        """A new run folder, or (resume=True) the existing one, continued from its summary."""
         self.results_dir = Path(results_dir).resolve()
         self.run_dir = self.results_dir / run_name
-        self.run_dir.mkdir(parents=True, exist_ok=False)
-        point_latest(self.results_dir, self.run_dir)
         self.started = time.time()
-        self.summary: dict[str, Any] = {
-            "config": config,
-            "full_model_bytes": full_model_bytes,
-            **(extra or {}),
-            "rounds": [],
-            "final_accuracy": None,
-            "status": "running",
-        }
+        if resume:
+            self.summary = json.loads((self.run_dir / "summary.json").read_text())
+            self.summary.setdefault("resumes", []).append({"config": config})
+            self.summary.update(extra or {}, status="running")
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=False)
+            self.summary = {
+                "config": config,
+                "full_model_bytes": full_model_bytes,
+                **(extra or {}),
+                "rounds": [],
+                "final_accuracy": None,
+                "status": "running",
+            }
+        point_latest(self.results_dir, self.run_dir)
         self._write()
+
+    def keep_rounds_up_to(self, last_round: int) -> None:
+        """Drop rows after the checkpoint a resumed run restarts from."""
+        self.summary["rounds"] = [r for r in self.summary["rounds"] if r["round"] <= last_round]
 
     def record_round(self, row: dict[str, Any]) -> None:
         if not self.summary["rounds"]:
@@ -103,8 +125,13 @@ class RunRecorder:
         )
         self._write()
 
-    def checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
-        atomic_torch_save(self.run_dir / "checkpoint.pt", {"round": server_round, "model": state})
+    def checkpoint(self, server_round: int, state: dict[str, torch.Tensor], strategy_state: dict[str, Any]) -> None:
+        """Model, round and strategy state after ``server_round``: all a resumed run needs."""
+        atomic_torch_save(self.run_dir / "checkpoint.pt",
+                          {"round": server_round, "model": state, "strategy": strategy_state})
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        return torch.load(self.run_dir / "checkpoint.pt", weights_only=True)
 
     def write_privacy_ledger(self, ledgers: dict[str, str]) -> None:
         """privacy_ledger.json: per site, the accountant, its history and the epsilon it reported."""

@@ -35,6 +35,7 @@ class RoundStats:
     uplink_bytes: int = 0
     site_uplink_bytes: dict[str, int] = field(default_factory=dict)
     replies: int = 0  # valid train replies aggregated
+    lost_nodes: list[int] = field(default_factory=list)  # sampled for training, never replied
     rejected_replies: list[str] = field(default_factory=list)
     active_experts: dict[str, list[int]] = field(default_factory=dict)
     expert_load: list[float] = field(default_factory=list)
@@ -57,9 +58,12 @@ class ExpertMatched(FedAvg):
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
 
-    def __init__(self, num_experts: int, **kwargs) -> None:
+    def __init__(self, num_experts: int, round_offset: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_experts = num_experts
+        # rounds already done by the run this one resumes: Strategy.start counts from 1
+        self.round_offset = round_offset
+        self.sampled: dict[int, list[int]] = {}
         self.global_arrays: dict[str, np.ndarray] = {}
         self.round_stats: dict[int, RoundStats] = {}
         self.ledgers: dict[str, str] = {}  # site -> its newest privacy ledger (JSON)
@@ -72,12 +76,15 @@ class ExpertMatched(FedAvg):
         return self.round_stats.setdefault(server_round, RoundStats())
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self.global_arrays = wire.to_numpy(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         self._stats(server_round).downlink_bytes += arrays.count_bytes() * len(messages)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._stats(server_round).downlink_bytes += arrays.count_bytes() * len(messages)
         return messages
@@ -105,7 +112,14 @@ class ExpertMatched(FedAvg):
         return valid
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         stats = self._stats(server_round)
+        replies = list(replies)
+        answered = {msg.metadata.src_node_id for msg in replies}
+        stats.lost_nodes = [n for n in self.sampled.get(server_round, []) if n not in answered]
+        for node in stats.lost_nodes:
+            log(WARNING, "round %d: no train reply from node %d before the round timeout: site lost, "
+                "round goes on without it", server_round, node)
         valid = self.decode_replies(server_round, replies)
         stats.replies = len(valid)
         if not valid:
@@ -139,6 +153,7 @@ class ExpertMatched(FedAvg):
         return wire.to_record(new_arrays), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         stats = self._stats(server_round)
         total, acc_sum, loss_sum = 0, 0.0, 0.0
         for msg in replies:
