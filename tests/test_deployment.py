@@ -19,6 +19,8 @@ from fedmoe.results import state_sha256
 from tests.conftest import ROOT
 
 SMALL = {"max-examples-per-site": 300, "d-model": 16, "expert-hidden": 16, "round-timeout": 120.0}
+# DP with a fixed noise multiplier and a budget that three rounds cannot exhaust
+DP = {"dp": True, "noise-multiplier": 1.0, "target-epsilon": 100.0}
 
 
 def test_committed_compose_files_are_generated_from_the_topology():
@@ -52,7 +54,7 @@ def loopback(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(loopback):
-    return loopback.run({**SMALL, "num-server-rounds": 2, "active-top-m": 1}, run_name="deployed")
+    return loopback.run({**SMALL, **DP, "num-server-rounds": 2, "active-top-m": 1}, run_name="deployed")
 
 
 def test_deployed_run_completes_with_sparse_uplink(first_run):
@@ -71,7 +73,14 @@ def test_server_restart_resumes_from_the_checkpoint_bit_identical(loopback, firs
     # the ServerApp side restarts (its SuperExec process is replaced), then the run resumes
     loopback.stop_service("serverapp")
     loopback.start_service("serverapp")
-    resumed = loopback.run({**SMALL, "num-server-rounds": 3, "active-top-m": 1, "resume": "deployed"}, run_name="ignored")
+    resumed = loopback.run({**SMALL, **DP, "num-server-rounds": 3, "active-top-m": 1, "resume": "deployed"}, run_name="ignored")
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    # every site's epsilon continues from its ledger instead of starting again from zero
+    eps = [r["site_epsilon"] for r in resumed["rounds"]]
+    assert eps[:2] == [r["site_epsilon"] for r in first_run["rounds"]]
+    for site in ("0", "1", "2"):
+        assert 0 < eps[0][site] < eps[1][site] < eps[2][site]
+    ledger = json.loads((run_dir / "privacy_ledger.json").read_text())["sites"]
+    assert all(len(ledger[site]["rounds"]) == 3 for site in ("0", "1", "2"))
     assert resumed["starts"][-1] == {"after_round": 2, "model_sha256": state_sha256(saved["model"])}
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["round"] == 3
