@@ -9,6 +9,7 @@ experts) and the metrics hold:
   active-experts  list[int], global expert ids (layer * num_experts + expert) it trained
   expert-counts   list[float] of length layers * num_experts, tokens routed per expert (>= 0)
   train-loss      float
+  bytes           int, size of the ArrayRecord the site sent (the server measures what it received)
   epsilon         float, the site's epsilon so far (dp only; with a "privacy" ConfigRecord
                   holding its ledger as JSON)
 A site whose privacy budget would be exceeded replies RecordDict{"status": ConfigRecord} with
@@ -38,6 +39,7 @@ SITE = "partition-id"
 ACTIVE_EXPERTS = "active-experts"
 EXPERT_COUNTS = "expert-counts"
 TRAIN_LOSS = "train-loss"
+SENT_BYTES = "bytes"
 EPSILON = "epsilon"
 
 _EXPERT_KEY = re.compile(r"^moe_layers\.(\d+)\.experts\.[a-z_]+?_(\d+)$")
@@ -99,7 +101,9 @@ def encode_train_reply(
         EXPERT_COUNTS: [float(c) for c in expert_counts],
         TRAIN_LOSS: float(train_loss),
     })
-    content = RecordDict({ARRAYS: to_record(trained), METRICS: metrics})
+    arrays = to_record(trained)
+    metrics[SENT_BYTES] = arrays.count_bytes()
+    content = RecordDict({ARRAYS: arrays, METRICS: metrics})
     if ledger is not None:
         metrics[EPSILON] = float(ledger.epsilon())
         content[PRIVACY] = ConfigRecord({"ledger": ledger.to_json()})

@@ -52,6 +52,7 @@ def test_decoded_reply_holds_exactly_shared_and_active_tensors(model):
     assert shared <= decoded.arrays.keys()
     assert decoded.site == 3 and decoded.num_examples == 100 and decoded.active_experts == [1, 6]
     assert decoded.nbytes < wire.to_record(model.state_dict()).count_bytes()
+    assert decoded.nbytes == reply(model, [1, 6]).metric_records[wire.METRICS][wire.SENT_BYTES]
 
 
 @pytest.mark.parametrize(
