@@ -109,6 +109,7 @@ class RunRecorder:
     def record_round(self, row: dict[str, Any]) -> None:
         if not self.summary["rounds"]:
             print(self.HEADER, flush=True)
+        row["elapsed_seconds"] = round(time.time() - self.started, 2)  # since this ServerApp started
         self.summary["rounds"].append(row)
         self.summary["final_accuracy"] = row["accuracy"]
         self.summary["wall_seconds"] = round(time.time() - self.started, 2)
