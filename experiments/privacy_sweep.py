@@ -30,13 +30,15 @@ PRESETS = {
         "epsilons": [1.0, 2.0, 4.0, 8.0, math.inf],
         "seeds": [0],
         "sites": 3,
-        "config": {"num-server-rounds": 3, "max-examples-per-site": 2000, "partitioning": "domain"},
+        "config": {"num-server-rounds": 3, "max-examples-per-site": 2000, "partitioning": "domain",
+                   "batch-size": 64, "learning-rate": 0.002},
     },
     "full": {
         "epsilons": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf],
         "seeds": [0, 1, 2],
         "sites": 3,
-        "config": {"num-server-rounds": 5, "max-examples-per-site": 6000, "partitioning": "domain"},
+        "config": {"num-server-rounds": 5, "max-examples-per-site": 6000, "partitioning": "domain",
+                   "batch-size": 64, "learning-rate": 0.002},
     },
 }
 
