@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fedmoe.deployment import Service, Tls, topology
 
-from .launch import BIN, ROOT, free_port, parse_scalar, run_app, wait_healthy
+from .launch import BIN, ROOT, flower_env, free_port, parse_scalar, run_app, wait_healthy, write_connection
 
 CONNECTION = "fedmoe-deploy"
 
@@ -56,11 +56,7 @@ class LocalDeployment:
             state_root=str(self.workdir / "state"), results_dir=str(self.workdir / "results"),
         )}
         self.flwr_home = self.workdir / "flwr-home"
-        self.env = {
-            **os.environ, "FLWR_HOME": str(self.flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONUNBUFFERED": "1",
-        }
+        self.env = flower_env(self.flwr_home)
 
     @property
     def superlink_address(self) -> str:
@@ -88,7 +84,7 @@ class LocalDeployment:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.write_connection()
+        write_connection(self.flwr_home, CONNECTION, self.superlink_address, self.tls.ca_cert if self.tls else None)
         link = self.start_service("superlink")
         self.wait_for_superlink(link)
         self.start_service("serverapp")
@@ -108,14 +104,6 @@ class LocalDeployment:
                 time.sleep(0.2)
             raise RuntimeError("superlink did not start")
         wait_healthy(self.superlink_port, process, timeout)
-
-    def write_connection(self) -> None:
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        security = f'root-certificates = "{self.tls.ca_cert}"' if self.tls else "insecure = true"
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{self.superlink_address}"\n{security}\n'
-        )
 
     def stop_service(self, name: str, sig: int = signal.SIGTERM) -> None:
         process = self.processes.pop(name, None)

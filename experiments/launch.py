@@ -69,11 +69,22 @@ def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60.0) ->
     raise RunFailed(f"flower-superlink not healthy on port {port} after {timeout:.0f}s")
 
 
-def write_connection(home: Path, name: str, address: str) -> None:
+def write_connection(home: Path, name: str, address: str, root_certificates: str | None = None) -> None:
+    """FLWR_HOME/config.toml with one SuperLink connection, the default (TLS when a CA is given)."""
     home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security}\n'
     )
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for Flower processes: their own FLWR_HOME, and this venv's executables first on
+    PATH (the SuperLink and SuperNodes spawn flower-superexec and the app processes by name)."""
+    return {
+        **os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
 
 @contextlib.contextmanager
@@ -81,11 +92,7 @@ def simulation_superlink(log_path: Path) -> Iterator[tuple[str, dict[str, str]]]
     """A private simulation SuperLink; yields (connection name, environment for flwr)."""
     home = Path(tempfile.mkdtemp(prefix="fedmoe-flwr-home-"))
     port = free_port()
-    env = {
-        **os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-        # the SuperLink spawns flower-superexec and flwr-simulation by name
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = flower_env(home)
     write_connection(home, "fedmoe-sim", f"127.0.0.1:{port}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:

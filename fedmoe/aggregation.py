@@ -39,7 +39,7 @@ def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.
         w = np.ones_like(w)
     w = w / w.sum()
     total = np.zeros(arrays[0].shape, dtype=np.float64)
-    for wi, a in zip(w, arrays):
+    for wi, a in zip(w, arrays, strict=True):
         total += wi * a
     return total.astype(arrays[0].dtype, copy=False)
 

@@ -91,7 +91,7 @@ def test_ledger_restored_over_rounds_equals_one_accountant(tmp_path):
     one = RDPAccountant()
     ledger = privacy.PrivacyLedger(site=0, target_epsilon=8.0, delta=1e-5, noise_multiplier=1.1, count_noise_multiplier=20.0, sample_rate=0.05)
     path = tmp_path / "ledger.json"
-    for r in range(4):
+    for _ in range(4):
         ledger.charge([(20.0, 1.0, 1)])
         one.step(noise_multiplier=20.0, sample_rate=1.0)
         # a fresh accountant each round, restored from the saved ledger, as Opacus sees it
