@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fedmoe.deployment import Service, Tls, topology
 
-from .launch import BIN, ROOT, flower_env, free_port, parse_scalar, run_app, wait_healthy, write_connection
+from .launch import BIN, ROOT, exit_on_sigterm, flower_env, free_port, parse_scalar, run_app, wait_healthy, write_connection
 
 CONNECTION = "fedmoe-deploy"
 
@@ -142,6 +142,7 @@ class LocalDeployment:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=ROOT / "results" / "deploy")

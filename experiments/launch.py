@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -160,7 +161,14 @@ def run_app(
     return summary
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so context managers stop the Flower processes they started
+    (they run in their own sessions and would otherwise outlive a killed driver)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=3, help="simulated sites (SuperNodes)")
     parser.add_argument("--target", default=SIMULATION, help="'simulation' or a SuperLink connection name")
