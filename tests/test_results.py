@@ -1,0 +1,45 @@
+"""Run folder files: a crash while writing never corrupts the previous summary or checkpoint."""
+
+import json
+
+import pytest
+import torch
+
+from fedmoe import results
+from fedmoe.results import RunRecorder
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporaries(tmp_path):
+    path = tmp_path / "summary.json"
+    results.atomic_write_json(path, {"round": 1})
+
+    def crash(tmp):
+        with open(tmp, "w") as f:
+            f.write('{"round": 2, "trunc')
+        raise Boom
+
+    with pytest.raises(Boom):
+        results.atomic_replace(path, crash)
+    assert json.loads(path.read_text()) == {"round": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_recorder_rounds_checkpoint_latest_and_resume(tmp_path):
+    rec = RunRecorder(tmp_path, "run-a", {"k": 1}, 1000)
+    row = {"round": 1, "accuracy": 0.5, "loss": 1.0, "uplink_bytes": 10, "downlink_bytes": 20,
+           "expert_load_cv": 0.1, "active_experts": {"0": [1]}}
+    rec.record_round(dict(row))
+    rec.checkpoint(1, {"w": torch.ones(2)}, {"ledgers": {}})
+    rec.record_round({**row, "round": 2, "accuracy": 0.6})
+    assert (tmp_path / "latest").resolve() == tmp_path / "run-a"
+    resumed = RunRecorder(tmp_path, "run-a", {"k": 2}, 1000, resume=True)
+    assert resumed.load_checkpoint()["round"] == 1
+    resumed.keep_rounds_up_to(1)
+    assert [r["round"] for r in resumed.summary["rounds"]] == [1]
+    path = resumed.finish("completed")
+    summary = json.loads(path.read_text())
+    assert summary["status"] == "completed" and summary["resumes"] == [{"config": {"k": 2}}]
