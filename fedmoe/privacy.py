@@ -45,24 +45,26 @@ def _trainable_experts(bank: ExpertBank) -> list[int]:
     return [e for e in range(bank.num_experts) if any(p.requires_grad for p in bank.expert_params(e))]
 
 
+def _per_trainable_parameter(bank: ExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor, reduce):
+    """{param: value} for every trainable expert parameter, where ``reduce(x, hidden, g_out, g_pre)``
+    gives the values for (w_in, b_in, w_out, b_out) of one expert."""
+    x, index = activations[0].to(backprops.dtype), activations[1]
+    ret = {}
+    for e in _trainable_experts(bank):
+        values = reduce(*_expert_terms(bank, x, index, backprops, e))
+        ret.update({p: v for p, v in zip(bank.expert_params(e), values, strict=True) if p.requires_grad})
+    return ret
+
+
 @register_grad_sampler(ExpertBank)
 def compute_expert_bank_grad_sample(
     bank: ExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample grads: x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N, *param.shape]}."""
-    x, index = activations[0].to(backprops.dtype), activations[1]
-    ret = {}
-    for e in _trainable_experts(bank):
-        w_in, b_in, w_out, b_out = bank.expert_params(e)
-        x_in, hidden, g_out, g_pre = _expert_terms(bank, x, index, backprops, e)
-        grads = {
-            w_in: torch.einsum("ntd,nth->ndh", x_in, g_pre),
-            b_in: g_pre.sum(dim=1),
-            w_out: torch.einsum("nth,ntd->nhd", hidden, g_out),
-            b_out: g_out.sum(dim=1),
-        }
-        ret.update({p: g for p, g in grads.items() if p.requires_grad})
-    return ret
+    return _per_trainable_parameter(bank, activations, backprops, lambda x, hidden, g_out, g_pre: (
+        torch.einsum("ntd,nth->ndh", x, g_pre), g_pre.sum(dim=1),
+        torch.einsum("nth,ntd->nhd", hidden, g_out), g_out.sum(dim=1),
+    ))
 
 
 def _outer_sum_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -82,19 +84,10 @@ def compute_expert_bank_norm_sample(
     bank: ExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample grad norms (ghost clipping): x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N]}."""
-    x, index = activations[0].to(backprops.dtype), activations[1]
-    ret = {}
-    for e in _trainable_experts(bank):
-        w_in, b_in, w_out, b_out = bank.expert_params(e)
-        x_in, hidden, g_out, g_pre = _expert_terms(bank, x, index, backprops, e)
-        norms = {
-            w_in: _outer_sum_norm(x_in, g_pre),
-            b_in: g_pre.sum(dim=1).norm(dim=-1),
-            w_out: _outer_sum_norm(hidden, g_out),
-            b_out: g_out.sum(dim=1).norm(dim=-1),
-        }
-        ret.update({p: v for p, v in norms.items() if p.requires_grad})
-    return ret
+    return _per_trainable_parameter(bank, activations, backprops, lambda x, hidden, g_out, g_pre: (
+        _outer_sum_norm(x, g_pre), g_pre.sum(dim=1).norm(dim=-1),
+        _outer_sum_norm(hidden, g_out), g_out.sum(dim=1).norm(dim=-1),
+    ))
 
 
 # --- accounting ----------------------------------------------------------------------------------
