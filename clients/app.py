@@ -106,7 +106,10 @@ def train(msg: Message, context: Context) -> Message:
         counts = privacy.release_counts(counts, cfg.count_noise_multiplier, sensitivity, generator)
         ledger.charge(this_round[:1])
 
-    active = select_active_experts(counts, cfg.num_experts, cfg.active_min_share, cfg.active_top_m)
+    if cfg.strategy == "fedavg":
+        active = list(range(len(counts)))
+    else:
+        active = select_active_experts(counts, cfg.num_experts, cfg.active_min_share, cfg.active_top_m)
     freeze_inactive_experts(model, active)
     torch.manual_seed(seed)
     loader = make_loader(images, labels, cfg.batch_size, seed)

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from fedmoe.deployment import Service, Tls, topology
 
-from .launch import BIN, ROOT, exit_on_sigterm, flower_env, free_port, parse_scalar, run_app, wait_healthy, write_connection
+from .launch import (
+    BIN, ROOT, Target, exit_on_sigterm, flower_env, free_port, parse_scalar, run_app, wait_healthy, write_connection,
+)
 
 CONNECTION = "fedmoe-deploy"
 
@@ -123,11 +125,15 @@ class LocalDeployment:
         for name in sorted(self.processes, key=lambda n: ("app" not in n, n.startswith("superlink"))):
             self.stop_service(name)
 
-    def run(self, overrides: dict, run_name: str, prefix: tuple[str, ...] = (), timeout: float = 900) -> dict:
+    @property
+    def target(self) -> Target:
+        """This deployment as a target for experiments.launch and the experiment drivers."""
+        return Target(CONNECTION, self.env, self.host_of("superlink").prefix)
+
+    def run(self, overrides: dict, run_name: str, timeout: float = 900) -> dict:
         """Submit the app with ``flwr run`` through this deployment's connection; return its summary."""
-        return run_app(overrides, target=CONNECTION, results_dir=self.workdir / "results", run_name=run_name,
-                       env=self.env, command_prefix=prefix or self.host_of("superlink").prefix, quiet=True,
-                       timeout=timeout)
+        return run_app(overrides, target=self.target, results_dir=self.workdir / "results", run_name=run_name,
+                       quiet=True, timeout=timeout)
 
     def __enter__(self) -> "LocalDeployment":
         try:

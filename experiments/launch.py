@@ -26,6 +26,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,21 @@ SIMULATION = "simulation"
 
 class RunFailed(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where runs go: ``simulation`` (a private simulation SuperLink per run) or the name of a
+    SuperLink connection in the FLWR_HOME of ``env`` (a deployment; its sites are the
+    SuperNodes connected to it), the flwr CLI wrapped in ``prefix`` (e.g. ip netns exec HOST).
+    The run's results-dir must be readable here at the same path (shared volume or host)."""
+
+    connection: str = SIMULATION
+    env: Mapping[str, str] | None = None
+    prefix: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return self.connection
 
 
 def toml_value(value: Any) -> str:
@@ -128,29 +144,28 @@ def submit(app: Path, connection: str, env: Mapping[str, str], overrides: Mappin
 
 
 def run_app(
-    overrides: Mapping[str, Any] | None = None, *, sites: int = 3, target: str = SIMULATION,
+    overrides: Mapping[str, Any] | None = None, *, sites: int = 3, target: Target = Target(),
     results_dir: Path | str = ROOT / "results", run_name: str | None = None,
-    app: Path = ROOT, log_path: Path | None = None, quiet: bool = False,
-    env: Mapping[str, str] | None = None, command_prefix: Sequence[str] = (), timeout: float | None = None,
+    app: Path = ROOT, log_path: Path | None = None, quiet: bool = False, timeout: float | None = None,
 ) -> dict[str, Any]:
-    """Run the app once and return its summary.json (raises RunFailed unless it completed).
-
-    For a named target, ``env`` (FLWR_HOME) says where its connection is defined and
-    ``command_prefix`` wraps the flwr CLI (e.g. ``ip netns exec HOST``)."""
+    """Run the app once on ``target`` (``sites`` SuperNodes when it is the simulation) and return
+    its summary.json (raises RunFailed unless it completed)."""
     results_dir = Path(results_dir).resolve()
     run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     overrides = {**(overrides or {}), "results-dir": str(results_dir), "run-name": run_name}
+    if not overrides.get("resume") and (results_dir / run_name).exists():
+        raise RunFailed(f"run folder {results_dir / run_name} exists; choose another run name")
     log_path = log_path or results_dir / f"{run_name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log_file:
         stream_to = log_file if quiet else None
         out = stream_to or sys.stdout
-        if target == SIMULATION:
+        if target.connection == SIMULATION:
             fed = {"num-supernodes": sites, "client-resources-num-cpus": 1}
             with simulation_superlink(log_path.with_suffix(".superlink.log")) as (connection, sim_env):
                 submit(app, connection, sim_env, overrides, fed, out, timeout=timeout)
         else:
-            submit(app, target, env or os.environ, overrides, None, out, command_prefix, timeout)
+            submit(app, target.connection, target.env or os.environ, overrides, None, out, target.prefix, timeout)
     # a resumed run continues in the folder it resumes
     summary_path = (results_dir / str(overrides.get("resume") or run_name)).resolve() / "summary.json"
     if not summary_path.exists():
@@ -181,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             key, _, value = pair.partition("=")
             overrides[key] = parse_scalar(value)
     started = time.time()
-    summary = run_app(overrides, sites=args.sites, target=args.target, results_dir=args.results_dir)
+    summary = run_app(overrides, sites=args.sites, target=Target(args.target), results_dir=args.results_dir)
     rounds = summary["rounds"]
     print(
         f"\nfedmoe: completed {len(rounds)} rounds in {time.time() - started:.0f}s; "
@@ -189,9 +204,20 @@ def main(argv: list[str] | None = None) -> int:
         f"mean uplink {sum(r['uplink_bytes'] for r in rounds) / len(rounds) / 1e6:.3f} MB/round "
         f"(full model {summary['full_model_bytes'] / 1e6:.3f} MB x {args.sites} sites = "
         f"{summary['full_model_bytes'] * args.sites / 1e6:.3f} MB)\n"
+        f"{privacy_line(summary)}\n"
         f"results: {Path(args.results_dir).resolve() / 'latest' / 'summary.json'}"
     )
     return 0
+
+
+def privacy_line(summary: dict[str, Any]) -> str:
+    config = summary["config"]
+    if not config["dp"]:
+        return "differential privacy: OFF (dp=false)"
+    eps = [r["epsilon_max"] for r in summary["rounds"] if r.get("epsilon_max") is not None]
+    spent = f"{eps[-1]:.3f}" if eps else "n/a"
+    return (f"differential privacy: ON, DP-SGD per site; largest epsilon spent {spent} "
+            f"(target {config['target-epsilon']}, delta {config['target-delta']}), ledgers in privacy_ledger.json")
 
 
 def parse_scalar(text: str) -> Any:

@@ -13,17 +13,17 @@ site reported at the end of the run (from its RDP ledger).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .launch import SIMULATION, exit_on_sigterm, run_app
-from .reporting import markdown_table, progress
+from .launch import Target, exit_on_sigterm, run_app
+from .reporting import driver_parser, markdown_table, progress, save_axes
 
 PRESETS = {
     "smoke": {
@@ -79,7 +79,7 @@ def row_from_summary(point: SweepPoint, summary: dict[str, Any], wall: float, ru
     }
 
 
-def run_sweep(preset: dict[str, Any], out: Path, target: str = SIMULATION) -> list[dict[str, Any]]:
+def run_sweep(preset: dict[str, Any], out: Path, target: Target = Target()) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     points = [SweepPoint(None, s) for s in preset["seeds"]]
     points += [SweepPoint(e, s) for e in preset["epsilons"] for s in preset["seeds"]]
@@ -91,6 +91,7 @@ def run_sweep(preset: dict[str, Any], out: Path, target: str = SIMULATION) -> li
         if point.target_epsilon is not None:
             overrides["target-epsilon"] = point.target_epsilon
         run = f"{point.label}-seed{point.seed}"
+        shutil.rmtree(out / "runs" / run, ignore_errors=True)  # a rerun into the same DIR replaces its runs
         t0 = time.time()
         summary = run_app(overrides, sites=preset["sites"], target=target, results_dir=out / "runs",
                           run_name=run, quiet=True)
@@ -137,24 +138,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xticks(xs)
     ax.set_xticklabels([("∞\n(clip only)" if x == inf_x else f"{x:g}") for x in xs])
-    ax.set_xlabel("target epsilon per site (delta = 1e-5)")
-    ax.set_ylabel("final global test accuracy")
-    ax.set_title("fedmoe: accuracy against privacy budget")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_axes(fig, ax, path, "target epsilon per site (delta = 1e-5)", "final global test accuracy",
+              "fedmoe: accuracy against privacy budget", legend_size=8)
 
 
 def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--target", default=SIMULATION, help="'simulation' or a SuperLink connection name")
+    parser = driver_parser(__doc__, PRESETS)
     args = parser.parse_args(argv)
-    rows = run_sweep(PRESETS[args.preset], args.out, args.target)
+    rows = run_sweep(PRESETS[args.preset], args.out, Target(args.target))
     print(markdown_table(rows, COLUMNS[:-1]))
     print(f"\nwrote {args.out / 'sweep.csv'}, {args.out / 'sweep.png'}, {args.out / 'sweep.md'}")
     return 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -17,7 +19,59 @@ def progress(done: int, total: int, started: float, label: str, width: int = 30)
           end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
+def driver_parser(description: str, presets: Sequence[str]) -> argparse.ArgumentParser:
+    """The arguments every experiment driver takes: --preset, --out, --target."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(presets), default="smoke")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--target", default="simulation",
+                        help="'simulation' or a SuperLink connection name in $FLWR_HOME (a deployment)")
+    return parser
+
+
+def save_axes(fig, ax, path, xlabel: str, ylabel: str, title: str | None = None, legend_size: int = 7) -> None:
+    """Label, grid and legend ``ax``, write ``fig`` as a PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def plot_utilisation(panels: dict[str, dict[str, Sequence[float]]], path, title: str) -> None:
+    """Heat maps, one panel per entry: rows are sites (or languages), columns experts, each cell
+    the share of that row's routed tokens that went to the expert."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 0.45 * sum(len(p) for p in panels.values())),
+                             squeeze=False)
+    for ax, (name, rows) in zip(axes[:, 0], panels.items()):
+        labels = sorted(rows, key=lambda s: (len(s), s))
+        counts = np.array([rows[s] for s in labels], dtype=np.float64)
+        shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-12)
+        image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0.0)
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -55,7 +55,8 @@ class RunConfig:
     fraction_evaluate: float = _key(1.0, _fraction, "share of sites asked to evaluate")
     min_nodes: int = _key(2, _at_least(1), "sites that must be connected before a round starts")
     round_timeout: float = _key(600.0, _positive, "seconds the server waits for replies in a round; sites that miss it are logged as lost")
-    strategy: str = _key("expert-matched", _choice("expert-matched"), "server aggregation")
+    strategy: str = _key("expert-matched", _choice("expert-matched", "fedavg"),
+                         "expert-matched: sites train and send their active experts; fedavg: Flower's FedAvg, every expert trained and sent")
     # Local training
     local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
     batch_size: int = _key(64, _at_least(1), "expected local batch size")
@@ -84,7 +85,7 @@ class RunConfig:
     active_top_m: int = _key(2, _at_least(0), "a site trains at most its m most used experts per layer (0: no cap)")
     active_min_share: float = _key(0.05, _fraction, "an expert needs this share of a site's routed tokens to be trained")
     # Differential privacy (sample-level DP-SGD per site, Opacus, RDP accounting)
-    dp: bool = _key(False, None, "train with DP-SGD and release routing counts through a Gaussian mechanism")
+    dp: bool = _key(True, None, "train with DP-SGD and release routing counts through a Gaussian mechanism")
     target_epsilon: float = _key(8.0, _positive, "each site's epsilon budget for the whole run (inf: clip only, no noise)", allow_inf=True)
     target_delta: float = _key(1e-5, _open_fraction, "delta of the (epsilon, delta) guarantee")
     max_grad_norm: float = _key(1.0, _positive, "per-sample gradient clipping bound")

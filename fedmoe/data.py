@@ -8,7 +8,10 @@ pixel arrays are never copied into an Arrow table.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -16,10 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .results import atomic_replace
+
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 HUB_DATASET = "zalando-datasets/fashion_mnist"
 SOURCES = ("auto", "debian", "hub")
 PARTITIONINGS = ("iid", "dirichlet", "domain")
+CACHE_DIR_ENV = "FEDMOE_CACHE_DIR"  # default ~/.cache/fedmoe
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -149,15 +155,36 @@ def _fitted_partitioner(
     return partitioner
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "fedmoe")
+
+
 def partition_rows(
     labels: np.ndarray, partition_id: int, num_partitions: int, partitioning: str,
     alpha: float, domains_per_site: int, seed: int,
 ) -> np.ndarray:
-    """Row indices of ``labels`` that the partitioner assigns to ``partition_id``."""
-    partitioner = _fitted_partitioner(
-        labels.astype(np.int64).tobytes(), partitioning, num_partitions, alpha, domains_per_site, seed
-    )
-    return np.asarray(partitioner.load_partition(partition_id)["row"], dtype=np.int64)
+    """Row indices of ``labels`` that the partitioner assigns to ``partition_id``.
+
+    Kept on disk under ``cache_dir()/partitions``: in a deployment every ClientApp task is a new
+    process, and re-running the partitioner there (seconds) dominated a round."""
+    from importlib.metadata import version
+
+    labels = labels.astype(np.int64)
+    recipe = repr((partitioning, num_partitions, alpha, domains_per_site, seed, version("flwr-datasets")))
+    key = hashlib.sha256(labels.tobytes() + recipe.encode()).hexdigest()[:32]
+    path = cache_dir() / "partitions" / f"{key}-{partition_id}.npy"
+    with contextlib.suppress(OSError, ValueError):
+        return np.load(path)
+    partitioner = _fitted_partitioner(labels.tobytes(), partitioning, num_partitions, alpha, domains_per_site, seed)
+    rows = np.asarray(partitioner.load_partition(partition_id)["row"], dtype=np.int64)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, rows)
+
+    with contextlib.suppress(OSError):  # a read-only cache only costs the recomputation
+        atomic_replace(path, write)
+    return rows
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,21 @@ class ExpertBank(nn.Module):
         return out
 
 
+class PositionEmbedding(nn.Module):
+    """A learned vector per token position, added to the tokens: x [N, S, d] -> x + weight [S, d].
+
+    (nn.Embedding over repeated position ids would do the same, but its Opacus norm sampler sorts
+    the ids of every batch; this module's per-sample gradient is simply the output gradient.)
+    """
+
+    def __init__(self, num_positions: int, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_positions, d_model))  # nn.Embedding's N(0, 1) init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.weight
+
+
 @dataclass
 class RoutingStats:
     """What the last forward routed: token-slot counts per expert and per sample."""
@@ -168,7 +183,7 @@ class MoEClassifier(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Linear(config.patch_dim, config.d_model)
-        self.position = nn.Embedding(config.num_tokens, config.d_model)
+        self.position = PositionEmbedding(config.num_tokens, config.d_model)
         self.moe_layers = nn.ModuleList(MoELayer(config) for _ in range(config.num_moe_layers))
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.num_tokens * config.d_model, config.num_classes)
@@ -183,10 +198,8 @@ class MoEClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [N, C, H, W] -> (class logits [N, classes], weighted aux loss [N])."""
         tokens = self.patches(images)
-        n = tokens.shape[0]
-        positions = torch.arange(self.config.num_tokens, device=images.device).repeat(n, 1)
-        x = self.embed(tokens) + self.position(positions)
-        aux = x.new_zeros(n)
+        x = self.position(self.embed(tokens))
+        aux = x.new_zeros(tokens.shape[0])
         for layer in self.moe_layers:
             x, balance_loss, z_loss = layer(x)
             aux = aux + self.config.aux_loss_weight * balance_loss

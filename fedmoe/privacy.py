@@ -20,7 +20,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 
-from .model import ExpertBank
+from .model import ExpertBank, PositionEmbedding
 from .results import atomic_write_json
 
 ACCOUNTANT = "rdp"
@@ -31,13 +31,16 @@ MAX_SIGMA = 1e4
 
 def _expert_terms(bank: ExpertBank, x: torch.Tensor, index: torch.Tensor, backprops: torch.Tensor, e: int):
     """For expert e: (input x [N,T,d], hidden activation [N,T,h], output grad [N,T,d], hidden
-    pre-activation grad [N,T,h]); the grads are zero on tokens not routed to e."""
+    pre-activation grad [N,T,h]); hidden and grads are zero on token slots not routed to e, and
+    the hidden layer is computed on the routed slots only, as the forward did."""
     w_in, b_in, w_out, _ = bank.expert_params(e)
-    routed = (index == e).unsqueeze(-1).to(backprops.dtype)
-    g_out = backprops * routed
-    pre = x @ w_in + b_in
-    hidden = torch.nn.functional.gelu(pre)
-    g_pre = torch.ops.aten.gelu_backward(g_out @ w_out.T, pre)
+    routed = index == e
+    g_out = backprops * routed.unsqueeze(-1).to(backprops.dtype)
+    pre = x[routed] @ w_in + b_in
+    hidden = x.new_zeros(*index.shape, w_in.shape[1])
+    hidden[routed] = torch.nn.functional.gelu(pre)
+    g_pre = torch.zeros_like(hidden)
+    g_pre[routed] = torch.ops.aten.gelu_backward(backprops[routed] @ w_out.T, pre)
     return x, hidden, g_out, g_pre
 
 
@@ -88,6 +91,22 @@ def compute_expert_bank_norm_sample(
         _outer_sum_norm(x, g_pre), g_pre.sum(dim=1).norm(dim=-1),
         _outer_sum_norm(hidden, g_out), g_out.sum(dim=1).norm(dim=-1),
     ))
+
+
+@register_grad_sampler(PositionEmbedding)
+def compute_position_grad_sample(
+    module: PositionEmbedding, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Per-sample grads: backprops [N,S,d] -> {weight: [N,S,d]} (the output gradient itself)."""
+    return {module.weight: backprops} if module.weight.requires_grad else {}
+
+
+@register_norm_sampler(PositionEmbedding)
+def compute_position_norm_sample(
+    module: PositionEmbedding, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Per-sample grad norms: backprops [N,S,d] -> {weight: [N]}."""
+    return {module.weight: backprops.flatten(1).norm(dim=1)} if module.weight.requires_grad else {}
 
 
 # --- accounting ----------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from fedmoe.model import MoEClassifier
 from fedmoe.results import RunRecorder, state_sha256
 from fedmoe.training import evaluate
 
-from .strategy import ExpertMatched, RoundStats
+from .strategy import ExpertMatched, FedAvgMoE, RoundStats
+
+STRATEGIES = {"expert-matched": ExpertMatched, "fedavg": FedAvgMoE}
 
 app = ServerApp()
 
@@ -59,7 +61,7 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "fedmoe: nothing to do: %d of %d rounds already done", done, cfg.num_server_rounds)
         return
 
-    strategy = ExpertMatched(
+    strategy = STRATEGIES[cfg.strategy](
         num_experts=cfg.num_experts,
         round_offset=done,
         fraction_train=cfg.fraction_train,

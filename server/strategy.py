@@ -1,11 +1,14 @@
-"""ExpertMatched: Flower strategy for sparse expert uploads.
+"""Server strategies: Flower's FedAvg with fedmoe's bookkeeping, and ExpertMatched for sparse
+expert uploads.
 
-Sites send the shared tensors (trunk, router, head) and only the experts they trained. With
-x_i, n_i and c_ie as in ``fedmoe.aggregation``:
+With x_i the tensors site i sent, n_i its examples and c_ie the tokens it routed to expert e:
 
-    shared tensors   x   <- sum_i n_i x_i / sum_i n_i
-    expert e         x_e <- sum_{i in R_e} c_ie x_ie / sum_{i in R_e} c_ie,  R_e = sites that sent e
-    untrained expert x_e unchanged, bit for bit
+    FedAvgMoE (strategy=fedavg): every site trains and sends the whole model; Flower's FedAvg
+        x <- sum_i n_i x_i / sum_i n_i   for every tensor
+    ExpertMatched (strategy=expert-matched):
+        shared tensors   x   <- sum_i n_i x_i / sum_i n_i
+        expert e         x_e <- sum_{i in R_e} c_ie x_ie / sum_{i in R_e} c_ie,  R_e = sites that sent e
+        untrained expert x_e unchanged, bit for bit
 
 Replies that fail validation (``fedmoe.wire.decode_train_reply``) are dropped with the reason
 logged and counted; the round goes on with the rest.
@@ -38,6 +41,7 @@ class RoundStats:
     lost_nodes: list[int] = field(default_factory=list)  # sampled for training, never replied
     rejected_replies: list[str] = field(default_factory=list)
     active_experts: dict[str, list[int]] = field(default_factory=dict)
+    site_expert_counts: dict[str, list[float]] = field(default_factory=dict)  # tokens per expert, per site
     expert_load: list[float] = field(default_factory=list)
     expert_load_cv: float = 0.0
     train_loss: float = float("nan")
@@ -47,13 +51,16 @@ class RoundStats:
     site_loss: dict[str, float] = field(default_factory=dict)
 
 
-class ExpertMatched(FedAvg):
-    """FedAvg's sampling and messaging with expert-matched aggregation of sparse replies.
+class FedAvgMoE(FedAvg):
+    """Flower's FedAvg over the whole MoE model, with fedmoe's reply validation and per-round
+    records (bytes each way, lost nodes, rejected replies, expert load, privacy, site metrics).
 
     Parameters
     ----------
     num_experts : int
         Experts per MoE layer (global expert id = layer * num_experts + expert).
+    round_offset : int
+        Rounds already done by the run this one resumes (Strategy.start counts from 1).
     **kwargs
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
@@ -61,16 +68,11 @@ class ExpertMatched(FedAvg):
     def __init__(self, num_experts: int, round_offset: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_experts = num_experts
-        # rounds already done by the run this one resumes: Strategy.start counts from 1
         self.round_offset = round_offset
         self.sampled: dict[int, list[int]] = {}
         self.global_arrays: dict[str, np.ndarray] = {}
         self.round_stats: dict[int, RoundStats] = {}
         self.ledgers: dict[str, str] = {}  # site -> its newest privacy ledger (JSON)
-
-    def summary(self) -> None:
-        super().summary()
-        log(INFO, "\t└──> Expert-matched averaging, %d experts per MoE layer", self.num_experts)
 
     def _stats(self, server_round: int) -> RoundStats:
         return self.round_stats.setdefault(server_round, RoundStats())
@@ -89,8 +91,8 @@ class ExpertMatched(FedAvg):
         self._stats(server_round).downlink_bytes += arrays.count_bytes() * len(messages)
         return messages
 
-    def decode_replies(self, server_round: int, replies: Iterable[Message]) -> list[wire.TrainReply]:
-        """Valid train replies; every dropped one is logged and recorded with its reason."""
+    def decode_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[Message, wire.TrainReply]]:
+        """Valid train replies with their messages; every dropped one is logged and recorded with its reason."""
         stats = self._stats(server_round)
         valid = []
         for msg in replies:
@@ -99,7 +101,7 @@ class ExpertMatched(FedAvg):
                 reason = f"node {node}: error reply: {msg.error.reason}"
             else:
                 try:
-                    valid.append(wire.decode_train_reply(msg.content, self.global_arrays, self.num_experts))
+                    valid.append((msg, wire.decode_train_reply(msg.content, self.global_arrays, self.num_experts)))
                     continue
                 except wire.BudgetExhausted as exc:
                     log(INFO, "round %d: %s", server_round, exc)
@@ -120,22 +122,18 @@ class ExpertMatched(FedAvg):
         for node in stats.lost_nodes:
             log(WARNING, "round %d: no train reply from node %d before the round timeout: site lost, "
                 "round goes on without it", server_round, node)
-        valid = self.decode_replies(server_round, replies)
-        stats.replies = len(valid)
-        if not valid:
+        decoded = self.decode_replies(server_round, replies)
+        stats.replies = len(decoded)
+        if not decoded:
             log(WARNING, "round %d: no valid train replies; global model unchanged", server_round)
             return None, None
-        updates = [
-            SiteUpdate(r.arrays, r.num_examples, {e: float(r.expert_counts[e]) for e in r.active_experts})
-            for r in valid
-        ]
-        new_arrays = expert_matched_average(
-            self.global_arrays, updates, lambda key: wire.expert_id(key, self.num_experts)
-        )
+        new_arrays = self.average(server_round, decoded)
+        valid = [reply for _, reply in decoded]
         load = np.sum([r.expert_counts for r in valid], axis=0)
         stats.uplink_bytes = sum(r.nbytes for r in valid)
         stats.site_uplink_bytes = {str(r.site): r.nbytes for r in valid}
         stats.active_experts = {str(r.site): r.active_experts for r in valid}
+        stats.site_expert_counts = {str(r.site): r.expert_counts.tolist() for r in valid}
         stats.site_epsilon = {str(r.site): r.epsilon for r in valid if r.epsilon is not None}
         self.ledgers.update({str(r.site): r.ledger_json for r in valid if r.ledger_json})
         stats.expert_load = load.tolist()
@@ -150,7 +148,12 @@ class ExpertMatched(FedAvg):
             "rejected-replies": len(stats.rejected_replies),
             "expert-load-cv": stats.expert_load_cv,
         })
-        return wire.to_record(new_arrays), metrics
+        return new_arrays, metrics
+
+    def average(self, server_round: int, decoded: list[tuple[Message, wire.TrainReply]]) -> ArrayRecord:
+        """Flower's FedAvg over the valid replies (each holds the whole model)."""
+        arrays, _ = super().aggregate_train(server_round, [msg for msg, _ in decoded])
+        return arrays
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
@@ -173,3 +176,21 @@ class ExpertMatched(FedAvg):
         if total == 0:
             return None
         return MetricRecord({"accuracy": acc_sum / total, "loss": loss_sum / total})
+
+
+class ExpertMatched(FedAvgMoE):
+    """FedAvg's sampling and messaging with expert-matched aggregation of sparse replies."""
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t└──> Expert-matched averaging, %d experts per MoE layer", self.num_experts)
+
+    def average(self, server_round: int, decoded: list[tuple[Message, wire.TrainReply]]) -> ArrayRecord:
+        updates = [
+            SiteUpdate(r.arrays, r.num_examples, {e: float(r.expert_counts[e]) for e in r.active_experts})
+            for _, r in decoded
+        ]
+        new_arrays = expert_matched_average(
+            self.global_arrays, updates, lambda key: wire.expert_id(key, self.num_experts)
+        )
+        return wire.to_record(new_arrays)

@@ -80,3 +80,18 @@ def test_site_has_disjoint_train_and_test():
     assert len(site.test) == 100
     images, labels = site.train.tensors()
     assert images.shape == (400, 1, 28, 28) and labels.dtype.is_floating_point is False
+
+
+def test_partition_rows_are_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path))
+    labels = labels_fixture()
+    first = data.partition_rows(labels, 1, 3, "dirichlet", 0.3, 1, 5)
+    assert len(list((tmp_path / "partitions").glob("*.npy"))) == 1
+
+    def fail(*args):
+        raise AssertionError("partitioner ran again despite the cache")
+
+    monkeypatch.setattr(data, "_fitted_partitioner", fail)
+    assert np.array_equal(data.partition_rows(labels, 1, 3, "dirichlet", 0.3, 1, 5), first)
+    with pytest.raises(AssertionError, match="ran again"):
+        data.partition_rows(labels, 1, 3, "dirichlet", 0.3, 1, 6)  # another seed is another partition

@@ -10,7 +10,7 @@ from fedmoe import wire
 from fedmoe.config import RunConfig
 from fedmoe.model import ExpertBank, MoEClassifier
 
-OVERRIDES = {"num-server-rounds": 2, "max-examples-per-site": 400, "num-experts": 8, "active-top-m": 1, "seed": 3}
+OVERRIDES = {"dp": False, "num-server-rounds": 2, "max-examples-per-site": 400, "num-experts": 8, "active-top-m": 1, "seed": 3}
 
 
 @pytest.fixture(scope="module")

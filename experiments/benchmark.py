@@ -1,0 +1,262 @@
+"""Benchmark: expert-matched federation against FedAvg, a dense model, isolated sites and pooled
+data, on the same split, seed and number of rounds.
+
+    python -m experiments.benchmark --preset smoke|full --out DIR [--target simulation|CONNECTION]
+                                    [--methods expert_matched,fedavg_full_moe,...]
+
+Methods
+  expert_matched       fedmoe: each site trains and sends the shared tensors and its active experts
+  fedavg_full_moe      Flower's FedAvg over the whole MoE: every expert trained and sent
+  fedavg_dense         FedAvg over a dense model: one expert of width top-k x expert-hidden, i.e. the
+                       same feed-forward parameters per token as the MoE activates
+  local_only           each site trains the MoE alone on its own data, no federation
+  centralized          all sites' training data pooled into one model (the upper bound)
+  expert_matched_dp, fedavg_full_moe_dp   the first two with DP-SGD at target epsilon 8 per site
+The federated methods run the fedmoe app (experiments.launch, on the target); local_only and
+centralized train in this process with the sites' code: same model, optimiser, per-round learning
+rate and epochs per round, on the same partitions.
+
+Writes DIR/results.json (per method: final_accuracy on the global test set, per_site_accuracy on each
+site's own test split, uplink/downlink bytes, rounds, wall_seconds, epsilon where DP ran, per-round
+curves), DIR/results.md (table and headline ratios), DIR/accuracy_rounds.png,
+DIR/accuracy_uplink.png and DIR/expert_utilisation.png (expert-by-site routing shares).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .launch import Target, exit_on_sigterm, run_app
+from .reporting import driver_parser, markdown_table, plot_utilisation, progress, save_axes
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "sites": 3,
+        "config": {"num-server-rounds": 5, "max-examples-per-site": 2000, "partitioning": "domain",
+                   "batch-size": 64, "learning-rate": 0.002, "seed": 0},
+    },
+    "full": {
+        "sites": 10,
+        "config": {"num-server-rounds": 10, "partitioning": "domain", "num-experts": 32, "top-k": 2,
+                   "active-top-m": 2, "batch-size": 64, "learning-rate": 0.002, "seed": 0},
+    },
+}
+DP = {"dp": True, "target-epsilon": 8.0}
+FEDERATED = {
+    "expert_matched": {"strategy": "expert-matched", "dp": False},
+    "fedavg_full_moe": {"strategy": "fedavg", "dp": False},
+    "fedavg_dense": {"strategy": "fedavg", "dp": False},  # + dense_overrides(config)
+    "expert_matched_dp": {"strategy": "expert-matched", **DP},
+    "fedavg_full_moe_dp": {"strategy": "fedavg", **DP},
+}
+IN_PROCESS = ("local_only", "centralized")
+METHODS = ("expert_matched", "fedavg_full_moe", "fedavg_dense", "local_only", "centralized",
+           "expert_matched_dp", "fedavg_full_moe_dp")
+
+
+def dense_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """A dense feed-forward block with the MoE's active width: one expert, always chosen."""
+    from fedmoe.config import RunConfig
+
+    cfg = RunConfig.from_run_config(config)
+    return {"num-experts": 1, "top-k": 1, "active-top-m": 1, "expert-hidden": cfg.top_k * cfg.expert_hidden}
+
+
+def federated_result(summary: dict[str, Any], wall: float) -> dict[str, Any]:
+    rounds = summary["rounds"]
+    eps = [r["epsilon_max"] for r in rounds if r.get("epsilon_max") is not None]
+    return {
+        "final_accuracy": summary["final_accuracy"],
+        "per_site_accuracy": rounds[-1]["site_accuracy"],
+        "uplink_bytes_total": sum(r["uplink_bytes"] for r in rounds),
+        "downlink_bytes_total": sum(r["downlink_bytes"] for r in rounds),
+        "rounds": len(rounds),
+        "wall_seconds": round(wall, 1),
+        "epsilon": eps[-1] if eps else None,
+        "accuracy_per_round": [r["accuracy"] for r in rounds],
+        "uplink_bytes_per_round": [r["uplink_bytes"] for r in rounds],
+        "site_expert_counts": rounds[-1]["site_expert_counts"],
+        "full_model_bytes": summary["full_model_bytes"],
+    }
+
+
+def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[str, Any]:
+    """local_only (one model per site, its data only) or centralized (one model, pooled data),
+    trained as a site trains: fresh optimiser per round, the round's learning rate, local-epochs."""
+    import torch
+
+    from clients.app import site_tensors
+    from fedmoe.config import RunConfig
+    from fedmoe.data import load_global_test
+    from fedmoe.model import MoEClassifier
+    from fedmoe.training import evaluate, make_loader, make_optimizer, train_epochs
+
+    cfg = RunConfig.from_run_config(config)
+    started = time.time()
+    data = [site_tensors(cfg, i, sites) for i in range(sites)]
+    test_images, test_labels = load_global_test(cfg.data_source).tensors()
+    if method == "centralized":
+        groups = {"all": (torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data]))}
+    else:
+        groups = {str(i): (d[0], d[1]) for i, d in enumerate(data)}
+    models: dict[str, MoEClassifier] = {}
+    curves: list[list[float]] = []
+    for name, (images, labels) in groups.items():
+        torch.manual_seed(cfg.seed)
+        model = MoEClassifier(cfg.model_config())
+        curve = []
+        for r in range(1, cfg.num_server_rounds + 1):
+            seed = cfg.seed * 1_000_003 + (0 if name == "all" else int(name)) * 10_007 + r
+            torch.manual_seed(seed)
+            optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(r))
+            train_epochs(model, make_loader(images, labels, cfg.batch_size, seed), optimizer, cfg.local_epochs)
+            curve.append(evaluate(model, test_images, test_labels)[1])
+        models[name] = model
+        curves.append(curve)
+    per_site = {
+        str(i): evaluate(models["all" if method == "centralized" else str(i)], d[2], d[3])[1]
+        for i, d in enumerate(data)
+    }
+    accuracy_per_round = np.mean(curves, axis=0).tolist()  # local_only: mean over the sites' models
+    pooled_bytes = sum(int(d[0].numel()) + int(d[1].numel()) for d in data)  # uint8 pixels + label bytes
+    return {
+        "final_accuracy": accuracy_per_round[-1],
+        "per_site_accuracy": per_site,
+        # centralized moves the raw training data (as uint8 pixels and one byte per label)
+        "uplink_bytes_total": pooled_bytes if method == "centralized" else 0,
+        "downlink_bytes_total": 0,
+        "rounds": cfg.num_server_rounds,
+        "wall_seconds": round(time.time() - started, 1),
+        "epsilon": None,
+        "accuracy_per_round": accuracy_per_round,
+        "uplink_bytes_per_round": None,
+    }
+
+
+def run_benchmark(preset: dict[str, Any], out: Path, target: Target = Target(),
+                  methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    config, sites = dict(preset["config"]), preset["sites"]
+    report: dict[str, Any] = {
+        "config": config, "sites": sites, "target": str(target),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "methods": {},
+    }
+    started = time.time()
+    for i, method in enumerate(methods):
+        progress(i, len(methods), started, method)
+        t0 = time.time()
+        if method in IN_PROCESS:
+            result = train_in_process(method, config, sites)
+        else:
+            overrides = {**config, **FEDERATED[method]}
+            if method == "fedavg_dense":
+                overrides.update(dense_overrides(config))
+            shutil.rmtree(out / "runs" / method, ignore_errors=True)
+            summary = run_app(overrides, sites=sites, target=target, results_dir=out / "runs",
+                              run_name=method, quiet=True)
+            result = {**federated_result(summary, time.time() - t0), "run": str(out / "runs" / method)}
+        report["methods"][method] = result
+        report["headline"] = headline(report["methods"])
+        (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    progress(len(methods), len(methods), started, "done")
+    (out / "results.md").write_text(markdown_report(report))
+    plot_curves(report["methods"], out)
+    counts = {m: r["site_expert_counts"] for m, r in report["methods"].items() if r.get("site_expert_counts")}
+    if counts:
+        plot_utilisation(counts, out / "expert_utilisation.png", "tokens routed to each expert, share per site")
+    return report
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def headline(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The ratios and gaps the benchmark exists for (only those whose methods ran)."""
+    out: dict[str, float] = {}
+    em, fa, lo = (results.get(m) for m in ("expert_matched", "fedavg_full_moe", "local_only"))
+    if em and fa:
+        out["uplink_ratio_fedavg_full_moe_over_expert_matched"] = fa["uplink_bytes_total"] / em["uplink_bytes_total"]
+        out["downlink_ratio_fedavg_full_moe_over_expert_matched"] = fa["downlink_bytes_total"] / em["downlink_bytes_total"]
+    if em:
+        for name, other in results.items():
+            if name != "expert_matched":
+                out[f"accuracy_gap_expert_matched_minus_{name}"] = em["final_accuracy"] - other["final_accuracy"]
+    if em and lo:
+        em_site, lo_site = mean_site_accuracy(em), mean_site_accuracy(lo)
+        out["per_site_accuracy_relative_gain_over_local_only"] = em_site / lo_site - 1.0
+    return out
+
+
+def mean_site_accuracy(result: dict[str, Any]) -> float:
+    return float(np.mean(list(result["per_site_accuracy"].values())))
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    rows = []
+    for name, r in report["methods"].items():
+        rows.append({
+            "method": name,
+            "final_accuracy": f"{r['final_accuracy']:.4f}",
+            "mean_per_site_accuracy": f"{mean_site_accuracy(r):.4f}",
+            "uplink_MB": f"{r['uplink_bytes_total'] / 1e6:.3f}",
+            "downlink_MB": f"{r['downlink_bytes_total'] / 1e6:.3f}",
+            "rounds": r["rounds"],
+            "wall_s": r["wall_seconds"],
+            "epsilon": "" if r["epsilon"] is None else f"{r['epsilon']:.3f}",
+        })
+    lines = [
+        f"Benchmark ({report['sites']} sites, target {report['target']}, {report['date']}, {report['machine']})",
+        "", f"config: `{json.dumps(report['config'])}`", "",
+        markdown_table(rows, list(rows[0])), "",
+        "local_only: final_accuracy is the mean over the sites' own models on the global test set; "
+        "centralized: uplink is the pooled raw training data.", "",
+    ]
+    lines += [f"- {key}: {value:.4f}" for key, value in report["headline"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: dict[str, dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        ax.plot(range(1, len(r["accuracy_per_round"]) + 1), r["accuracy_per_round"], "o-", ms=3, label=name)
+    save_axes(fig, ax, out / "accuracy_rounds.png", "round (local_only / centralized: epochs)", "global test accuracy")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        if r["uplink_bytes_per_round"]:
+            ax.plot(np.cumsum(r["uplink_bytes_per_round"]) / 1e6, r["accuracy_per_round"], "o-", ms=3, label=name)
+    ax.set_xscale("log")
+    save_axes(fig, ax, out / "accuracy_uplink.png", "cumulative uplink (MB, all sites)", "global test accuracy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
+    parser = driver_parser(__doc__, PRESETS)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    args = parser.parse_args(argv)
+    report = run_benchmark(PRESETS[args.preset], args.out, Target(args.target), tuple(args.methods.split(",")))
+    print(markdown_report(report))
+    print(f"wrote {args.out / 'results.json'}, results.md and PNGs in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
