@@ -2,8 +2,9 @@
 
 With dp=true the site's routing counts are released through a Gaussian mechanism before the
 active set is chosen, training is DP-SGD (Opacus), and both are charged to the site's privacy
-ledger, kept in Context.state and on node-local disk (node-config key ``state-dir``; default:
-``<run folder>/sites/site-<partition-id>``) so a restarted site continues its budget.
+ledger, kept in Context.state and on node-local disk (``<state-dir>/<run name>/`` with the
+node-config key ``state-dir``; default ``<run folder>/sites/site-<partition-id>/``) so a restarted
+site continues its budget. A run resumed from a checkpoint keeps its run name, so its ledger.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message
 
 from flwr.clientapp import ClientApp
 
-from fedmoe import privacy, wire
+from fedmoe import wire
 from fedmoe.config import RunConfig
 from fedmoe.data import load_site
 from fedmoe.model import MoEClassifier
@@ -56,13 +57,17 @@ def setup(msg: Message, context: Context):
 
 
 def ledger_path(msg: Message, context: Context, site: int) -> Path:
-    state_dir = context.node_config.get("state-dir") or Path(str(msg.content[wire.CONFIG][wire.RUN_DIR])) / "sites" / f"site-{site}"
-    return Path(str(state_dir)) / "privacy_ledger.json"
+    run_dir = Path(str(msg.content[wire.CONFIG][wire.RUN_DIR]))
+    state_dir = context.node_config.get("state-dir")
+    folder = Path(str(state_dir)) / run_dir.name if state_dir else run_dir / "sites" / f"site-{site}"
+    return folder / "privacy_ledger.json"
 
 
 def load_ledger(cfg: RunConfig, context: Context, path: Path, site: int, num_examples: int) -> privacy.PrivacyLedger:
     """The site's ledger: the longer of Context.state and disk, or a new one with the noise
     multiplier planned once for the whole run."""
+    from fedmoe import privacy
+
     found = [privacy.PrivacyLedger.load(path)]
     if LEDGER_STATE in context.state:
         found.append(privacy.PrivacyLedger.from_json(str(context.state[LEDGER_STATE]["json"])))
@@ -88,6 +93,10 @@ def save_ledger(ledger: privacy.PrivacyLedger, context: Context, path: Path) -> 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, site, model, (images, labels, _, _) = setup(msg, context)
+    if cfg.dp:
+        # imported here: Opacus takes seconds to import, and in a deployment every task is a new
+        # process; evaluate tasks and dp=false runs do without it
+        from fedmoe import privacy
     server_round = int(msg.content[wire.CONFIG]["server-round"])
     seed = cfg.seed * 1_000_003 + site * 10_007 + server_round
     generator = torch.Generator().manual_seed(seed)

@@ -37,10 +37,9 @@ def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.
     w = np.asarray(weights, dtype=np.float64)
     if w.sum() <= 0:
         w = np.ones_like(w)
-    w = w / w.sum()
-    total = np.zeros(arrays[0].shape, dtype=np.float64)
-    for wi, a in zip(w, arrays, strict=True):
-        total += wi * a
+    if len(w) != len(arrays):
+        raise ValueError(f"{len(arrays)} arrays but {len(w)} weights")
+    total = np.tensordot(w / w.sum(), np.stack(arrays), axes=1)  # float64: w is float64
     return total.astype(arrays[0].dtype, copy=False)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -43,6 +44,8 @@ SENT_BYTES = "bytes"
 EPSILON = "epsilon"
 
 _EXPERT_KEY = re.compile(r"^moe_layers\.(\d+)\.experts\.[a-z_]+?_(\d+)$")
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER = re.compile(rb"'descr': '([^']+)', 'fortran_order': False, 'shape': \(([\d, ]*)\)")
 
 
 class InvalidReply(ValueError):
@@ -57,6 +60,7 @@ class BudgetExhausted(Exception):
         self.site, self.epsilon = site, epsilon
 
 
+@lru_cache(maxsize=65536)
 def expert_id(key: str, num_experts: int) -> int | None:
     """Global expert id of a parameter name, or None for shared (trunk, router, head) tensors."""
     match = _EXPERT_KEY.match(key)
@@ -70,7 +74,33 @@ def to_record(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    return {k: array_to_numpy(v) for k, v in record.items()}
+
+
+def array_to_numpy(array) -> np.ndarray:
+    """Flower ``Array.numpy()`` (a .npy payload) without ``np.load``'s header parser, whose
+    ast.literal_eval per tensor dominated aggregation time: a C-order header is matched by a
+    regular expression and the data viewed read-only; anything else goes through np.load."""
+    data = array.data
+    if data[:6] == _NPY_MAGIC and data[6] in (1, 2, 3):
+        size_bytes = 2 if data[6] == 1 else 4
+        start = 8 + size_bytes + int.from_bytes(data[8 : 8 + size_bytes], "little")
+        layout = _npy_layout(bytes(data[8 + size_bytes : start]))
+        if layout is not None and len(data) - start == layout[2]:
+            return np.frombuffer(data, dtype=layout[0], offset=start).reshape(layout[1])
+    return array.numpy()
+
+
+@lru_cache(maxsize=4096)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, payload bytes) of a C-order numeric .npy header, else None (tensors of
+    one model repeat a handful of headers, hence the cache)."""
+    match = _NPY_HEADER.search(header)
+    if match is None:
+        return None
+    dtype = np.dtype(match.group(1).decode())
+    shape = tuple(int(d) for d in match.group(2).split(b",") if d.strip())
+    return (dtype, shape, dtype.itemsize * int(np.prod(shape))) if dtype.kind in "biuf" else None
 
 
 def to_state_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -150,7 +180,7 @@ def decode_train_reply(
     for key, array in record.items():
         if key not in global_arrays:
             raise InvalidReply(f"unknown tensor '{key}'")
-        value = array.numpy()
+        value = array_to_numpy(array)
         reference = global_arrays[key]
         if value.shape != reference.shape or value.dtype != reference.dtype:
             raise InvalidReply(

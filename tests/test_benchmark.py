@@ -4,29 +4,17 @@ import json
 
 import pytest
 
-from experiments.benchmark import METHODS, run_benchmark
-
-TINY = {
-    "sites": 2,
-    "config": {"num-server-rounds": 2, "max-examples-per-site": 200, "d-model": 16, "expert-hidden": 16,
-               "num-experts": 4, "active-top-m": 1, "seed": 1},
-}
+from experiments.benchmark import run_benchmark
+from tests.conftest import TINY_BENCHMARK, TINY_BENCHMARK_METHODS
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    return out, run_benchmark(TINY, out, methods=("expert_matched", "fedavg_full_moe", "fedavg_dense",
-                                                   "local_only", "centralized"))
-
-
-def test_every_method_reports_the_same_schema(report):
-    out, result = report
+def test_every_method_reports_the_same_schema(tiny_benchmark):
+    out, _ = tiny_benchmark
     saved = json.loads((out / "results.json").read_text())
-    assert list(saved["methods"]) == ["expert_matched", "fedavg_full_moe", "fedavg_dense", "local_only", "centralized"]
+    assert tuple(saved["methods"]) == TINY_BENCHMARK_METHODS
     for name, r in saved["methods"].items():
         assert 0.0 <= r["final_accuracy"] <= 1.0, name
-        assert set(r["per_site_accuracy"]) == {"0", "1"}, name
+        assert set(r["per_site_accuracy"]) == {"0", "1", "2"}, name
         assert r["rounds"] == 2 and len(r["accuracy_per_round"]) == 2, name
         assert r["epsilon"] is None
     for name in ("expert_matched", "fedavg_full_moe", "fedavg_dense"):
@@ -34,21 +22,22 @@ def test_every_method_reports_the_same_schema(report):
     assert saved["methods"]["local_only"]["uplink_bytes_total"] == 0
 
 
-def test_expert_matched_sends_less_than_fedavg_over_the_whole_moe(report):
-    _, result = report
+def test_expert_matched_sends_less_than_fedavg_over_the_whole_moe(tiny_benchmark):
+    _, result = tiny_benchmark
     em, fa = result["methods"]["expert_matched"], result["methods"]["fedavg_full_moe"]
-    # fedavg sends the whole model from each site each round; expert-matched 1 of 4 experts
-    assert fa["uplink_bytes_total"] == 2 * 2 * fa["full_model_bytes"]
+    # fedavg sends the whole model from each of 3 sites in each of 2 rounds
+    assert fa["uplink_bytes_total"] == 3 * 2 * fa["full_model_bytes"]
     assert em["uplink_bytes_total"] < fa["uplink_bytes_total"]
     ratio = result["headline"]["uplink_ratio_fedavg_full_moe_over_expert_matched"]
     assert ratio == pytest.approx(fa["uplink_bytes_total"] / em["uplink_bytes_total"]) and ratio > 1
     assert "per_site_accuracy_relative_gain_over_local_only" in result["headline"]
     # the dense model is one expert of width top-k x expert-hidden: every site's counts have one column
     assert all(len(c) == 1 for c in result["methods"]["fedavg_dense"]["site_expert_counts"].values())
+    assert all(len(c) == 8 for c in fa["site_expert_counts"].values())
 
 
-def test_tables_and_plots_are_written(report):
-    out, _ = report
+def test_tables_and_plots_are_written(tiny_benchmark):
+    out, _ = tiny_benchmark
     table = (out / "results.md").read_text()
     assert "| method |" in table and "uplink_ratio_fedavg_full_moe_over_expert_matched" in table
     for png in ("accuracy_rounds.png", "accuracy_uplink.png", "expert_utilisation.png"):
@@ -57,5 +46,5 @@ def test_tables_and_plots_are_written(report):
 
 def test_unknown_method_fails_before_running(tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
-        run_benchmark(TINY, tmp_path, methods=("expert_matched", "fedprox"))
-    assert METHODS[0] == "expert_matched"
+        run_benchmark(TINY_BENCHMARK, tmp_path, methods=("expert_matched", "fedprox"))
+    assert not (tmp_path / "results.json").exists()

@@ -64,11 +64,15 @@ def test_ledger_survives_a_restart_and_matches_one_accountant(tmp_path):
         assert not reply.has_error(), reply.error
         epsilons.append(reply.content.metric_records[wire.METRICS][wire.EPSILON])
     assert epsilons == sorted(epsilons) and epsilons[0] > 0
-    ledger = json.loads((tmp_path / "site0" / "privacy_ledger.json").read_text())
+    ledger = json.loads((tmp_path / "site0" / tmp_path.name / "privacy_ledger.json").read_text())
     assert ledger["accountant"] == "rdp" and len(ledger["rounds"]) == 3
     recomputed = privacy.epsilon_of([tuple(h) for h in ledger["history"]], ledger["delta"])
     assert recomputed == pytest.approx(epsilons[-1], rel=1e-9)
     assert epsilons[-1] <= 8.0  # the noise was planned for 3 rounds at target 8
+    # another run on the same node (Flower gives each run its own Context) keeps its own ledger on
+    # disk in the same state-dir (a resumed run keeps its run name, so continues this one)
+    other = client_app(train_message(model, 1, tmp_path / "another-run"), context(cfg, tmp_path / "site0"))
+    assert other.content.metric_records[wire.METRICS][wire.EPSILON] == pytest.approx(epsilons[0])
 
 
 def test_budget_guard_declines_to_train_instead_of_overspending(tmp_path):
@@ -80,7 +84,7 @@ def test_budget_guard_declines_to_train_instead_of_overspending(tmp_path):
         reply = client_app(train_message(model, r, tmp_path), ctx)
         statuses.append(wire.STATUS in reply.content.config_records)
     assert statuses[0] is False and statuses[-1] is True
-    ledger = privacy.PrivacyLedger.load(tmp_path / "s" / "privacy_ledger.json")
+    ledger = privacy.PrivacyLedger.load(tmp_path / "s" / tmp_path.name / "privacy_ledger.json")
     assert ledger.epsilon() <= 3.0
     exhausted = client_app(train_message(model, 4, tmp_path), ctx)
     with pytest.raises(wire.BudgetExhausted):

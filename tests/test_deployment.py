@@ -1,11 +1,14 @@
 """Deployment: the compose files, and the same commands as real Flower processes on loopback.
 
-One deployment of 3 sites serves three runs: a 2-round run, a resumed run that continues it
-after a ServerApp restart (fresh ServerApp process, same checkpoint), and nothing is mocked:
-flower-superlink, flower-supernode and flower-superexec are the real binaries, flwr run submits.
+One deployment of 3 sites serves a 2-round run, a resumed run that continues it after a
+ServerApp restart (fresh ServerApp process, same checkpoint), and a tiny privacy sweep whose
+target is the deployment. Nothing is mocked: flower-superlink, flower-supernode and
+flower-superexec are the real binaries, flwr run submits.
 """
 
+import csv
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 from experiments.deploy import LocalDeployment
+from experiments.privacy_sweep import run_sweep
 from fedmoe import deployment
 from fedmoe.results import state_sha256
 from tests.conftest import ROOT
@@ -84,3 +88,24 @@ def test_server_restart_resumes_from_the_checkpoint_bit_identical(loopback, firs
     assert all(len(ledger[site]["rounds"]) == 3 for site in ("0", "1", "2"))
     assert resumed["starts"][-1] == {"after_round": 2, "model_sha256": state_sha256(saved["model"])}
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["round"] == 3
+
+
+TINY_SWEEP = {"epsilons": [2.0], "seeds": [0], "sites": 3, "config": {**SMALL, "num-server-rounds": 1}}
+
+
+def test_privacy_sweep_runs_against_the_deployment(loopback, tmp_path):
+    rows = run_sweep(TINY_SWEEP, tmp_path, loopback.target)
+    assert [r["target_epsilon"] for r in rows] == ["", "2"]
+    with open(tmp_path / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    for column in ("target_epsilon", "seed", "achieved_epsilon", "final_accuracy", "uplink_bytes_total", "wall_seconds"):
+        assert column in table[0]
+    no_dp, dp = table
+    assert no_dp["achieved_epsilon"] == "" and 0 < float(dp["achieved_epsilon"]) <= 2.0
+    assert all(0.0 <= float(r["final_accuracy"]) <= 1.0 and int(r["uplink_bytes_total"]) > 0 for r in table)
+    assert not math.isnan(float(dp["final_accuracy"]))
+    # the runs went through the deployment: its three SuperNodes answered
+    summary = json.loads((tmp_path / "runs" / "eps=2-seed0" / "summary.json").read_text())
+    assert summary["rounds"][0]["replies"] == 3
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    assert "| target_epsilon |" in (tmp_path / "sweep.md").read_text()

@@ -1,23 +1,25 @@
-"""A real Flower simulation: 3 sites, 2 rounds, through `flwr run` on a private SuperLink."""
+"""A real Flower simulation: 3 sites, 2 rounds, through `flwr run` on a private SuperLink (the
+expert_matched run of the tiny benchmark, experiments.launch under experiments.benchmark)."""
 
 import json
 
 import pytest
 import torch
 
-from experiments.launch import run_app
 from fedmoe import wire
 from fedmoe.config import RunConfig
 from fedmoe.model import ExpertBank, MoEClassifier
 
-OVERRIDES = {"dp": False, "num-server-rounds": 2, "max-examples-per-site": 400, "num-experts": 8, "active-top-m": 1, "seed": 3}
+from tests.conftest import TINY_BENCHMARK
+
+OVERRIDES = TINY_BENCHMARK["config"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    summary = run_app(OVERRIDES, sites=3, results_dir=results, run_name="sim", quiet=True)
-    return results, summary
+def run(tiny_benchmark):
+    out, _ = tiny_benchmark
+    results = out / "runs"
+    return results, json.loads((results / "expert_matched" / "summary.json").read_text())
 
 
 def test_run_completes_and_writes_summary(run):
@@ -49,7 +51,7 @@ def test_untrained_experts_are_bit_identical_and_trained_ones_moved(run):
     trained = {e for r in summary["rounds"] for ids in r["active_experts"].values() for e in ids}
     untouched = set(range(8)) - trained
     assert untouched, "with top-m 1, 3 sites and 2 rounds at most 6 of 8 experts can train"
-    final = torch.load(results / "sim" / "checkpoint.pt")["model"]
+    final = torch.load(results / "expert_matched" / "checkpoint.pt")["model"]
     torch.manual_seed(OVERRIDES["seed"])
     initial = MoEClassifier(RunConfig.from_run_config(OVERRIDES).model_config()).state_dict()
     for key in initial:

@@ -87,3 +87,17 @@ def test_evaluate_reply_round_trip():
     assert wire.decode_evaluate_reply(wire.encode_evaluate_reply(2, 50, 0.75, 0.6)) == (2, 50, 0.75, 0.6)
     with pytest.raises(wire.InvalidReply):
         wire.decode_evaluate_reply(wire.encode_evaluate_reply(2, 50, 1.5, 0.6))
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(12, dtype=np.float32).reshape(3, 4), np.full((), 2.5, np.float32), np.zeros((0, 5), np.float64),
+    np.arange(6, dtype=np.int64), np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+    np.array([1.0, np.nan], dtype=">f8"),
+])
+def test_fast_array_decoding_equals_flowers(array):
+    from flwr.app import Array
+
+    flower = Array(array)
+    fast = wire.array_to_numpy(flower)
+    assert fast.dtype == flower.numpy().dtype and fast.shape == flower.numpy().shape
+    np.testing.assert_array_equal(fast, flower.numpy())
