@@ -12,7 +12,6 @@ aggregation, process peak RSS) and with --out writes aggregation.json.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -30,7 +29,7 @@ from fedmoe.config import RunConfig
 from fedmoe.model import MoEClassifier
 from server.strategy import ExpertMatched, FedAvgMoE
 
-from .reporting import markdown_table
+from .reporting import markdown_table, save_json
 
 
 def synthetic_replies(global_state: dict[str, torch.Tensor], n: int, num_experts: int, whole_model: bool,
@@ -92,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
               "process_peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     print(markdown_table(rows, list(rows[0])))
     print(f"process peak RSS {result['process_peak_rss_MB']} MB")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "aggregation.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result, args.out, "aggregation.json")
     return 0
 
 

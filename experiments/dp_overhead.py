@@ -23,6 +23,8 @@ from fedmoe.config import RunConfig
 from fedmoe.model import MoEClassifier
 from fedmoe.training import freeze_inactive_experts, make_loader, make_optimizer, train_epochs
 
+from .reporting import save_json
+
 
 def epoch_seconds(mode: str, images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig) -> float:
     torch.manual_seed(0)
@@ -61,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "overhead": {mode: round(times[mode] / times["none"], 2) for mode in ("ghost", "hooks")},
     }
     print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "dp_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result, args.out, "dp_overhead.json")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -75,3 +76,10 @@ def plot_utilisation(panels: dict[str, dict[str, Sequence[float]]], path, title:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def save_json(result: dict[str, Any], out: Path | None, name: str) -> None:
+    """Write ``result`` to out/name when an output folder was asked for."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(json.dumps(result, indent=2) + "\n")
