@@ -13,11 +13,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from flwr.clientapp import ClientApp
 
-from fedmoe import wire
+from fedmoe import downlink, wire
 from fedmoe.config import RunConfig
 from fedmoe.data import load_site
 from fedmoe.model import MoEClassifier
@@ -34,6 +34,8 @@ from fedmoe.training import (
 
 app = ClientApp()
 LEDGER_STATE = "privacy-ledger"
+MODEL_CACHE = "model-cache"  # the global model the site holds (fedmoe.downlink)
+MODEL_CACHE_VERSION = "model-cache-version"
 
 
 @lru_cache(maxsize=4)
@@ -47,13 +49,37 @@ def site_tensors(cfg: RunConfig, partition_id: int, num_partitions: int):
     return (*site.train.tensors(), *site.test.tensors())
 
 
-def setup(msg: Message, context: Context):
+def answer(msg: Message, context: Context, handler) -> Message:
+    """Reply with ``handler(msg, context, cfg, site, model, site tensors)`` run on the message's
+    model. Every reply says which model version the site now holds; a sparse downlink message the
+    site cannot complete is answered with model-cache-miss instead."""
     cfg = RunConfig.from_run_config(context.run_config)
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
+    site = int(context.node_config["partition-id"])
     model = MoEClassifier(cfg.model_config())
-    model.load_state_dict(wire.to_state_dict(msg.content[wire.ARRAYS]))
-    return cfg, partition_id, model, site_tensors(cfg, partition_id, num_partitions)
+    try:
+        version = receive_model(msg, context, model)
+    except downlink.CacheMiss as miss:
+        return Message(wire.encode_model_cache_miss(site, miss.held), reply_to=msg)
+    data = site_tensors(cfg, site, int(context.node_config["num-partitions"]))
+    content = handler(msg, context, cfg, site, model, data)
+    return Message(wire.stamp_model_version(content, version), reply_to=msg)
+
+
+def receive_model(msg: Message, context: Context, model: MoEClassifier) -> int:
+    """Load the message's model into ``model``, completing a sparse message from the copy the
+    site keeps in Context.state (fedmoe.downlink), and keep the result; returns its version."""
+    config = msg.content[wire.CONFIG]
+    base = int(config.get(wire.BASE_VERSION, downlink.WHOLE_MODEL))
+    cached, cached_version = None, downlink.WHOLE_MODEL
+    if MODEL_CACHE in context.state:
+        cached = dict(context.state[MODEL_CACHE])
+        cached_version = int(context.state[MODEL_CACHE_VERSION]["version"])
+    arrays = ArrayRecord(downlink.complete(dict(msg.content[wire.ARRAYS]), base, cached, cached_version))
+    model.load_state_dict(wire.to_state_dict(arrays))
+    version = int(config.get(wire.MODEL_VERSION, 0))
+    context.state[MODEL_CACHE] = arrays
+    context.state[MODEL_CACHE_VERSION] = ConfigRecord({"version": version})
+    return version
 
 
 def ledger_path(msg: Message, context: Context, site: int) -> Path:
@@ -92,7 +118,16 @@ def save_ledger(ledger: privacy.PrivacyLedger, context: Context, path: Path) -> 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, site, model, (images, labels, _, _) = setup(msg, context)
+    return answer(msg, context, train_site)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return answer(msg, context, evaluate_site)
+
+
+def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model: MoEClassifier, data) -> RecordDict:
+    images, labels, _, _ = data
     if cfg.dp:
         # imported here: Opacus takes seconds to import, and in a deployment every task is a new
         # process; evaluate tasks and dp=false runs do without it
@@ -110,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
         this_round = [(cfg.count_noise_multiplier, 1.0, 1), (ledger.noise_multiplier, ledger.sample_rate, steps)]
         projected = ledger.epsilon(this_round)
         if projected > cfg.target_epsilon:
-            return Message(wire.encode_budget_exhausted(site, ledger.epsilon(), projected), reply_to=msg)
+            return wire.encode_budget_exhausted(site, ledger.epsilon(), projected)
         sensitivity = privacy.count_sensitivity(model.config.num_tokens, cfg.top_k, cfg.num_moe_layers)
         counts = privacy.release_counts(counts, cfg.count_noise_multiplier, sensitivity, generator)
         ledger.charge(this_round[:1])
@@ -132,12 +167,10 @@ def train(msg: Message, context: Context) -> Message:
         ledger.rounds.append({"round": server_round, "steps": ledger.steps, "epsilon": ledger.epsilon()})
         save_ledger(ledger, context, path)
 
-    content = wire.encode_train_reply(trained_state(model), site, len(labels), active, counts, loss, ledger)
-    return Message(content, reply_to=msg)
+    return wire.encode_train_reply(trained_state(model), site, len(labels), active, counts, loss, ledger)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    _, site, model, (_, _, test_images, test_labels) = setup(msg, context)
+def evaluate_site(msg: Message, context: Context, cfg: RunConfig, site: int, model: MoEClassifier, data) -> RecordDict:
+    _, _, test_images, test_labels = data
     loss, accuracy = evaluate_model(model, test_images, test_labels)
-    return Message(wire.encode_evaluate_reply(site, len(test_labels), accuracy, loss), reply_to=msg)
+    return wire.encode_evaluate_reply(site, len(test_labels), accuracy, loss)

@@ -53,10 +53,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 DP = {"dp": True, "target-epsilon": 8.0}
 FEDERATED = {
     "expert_matched": {"strategy": "expert-matched", "dp": False},
-    "fedavg_full_moe": {"strategy": "fedavg", "dp": False},
-    "fedavg_dense": {"strategy": "fedavg", "dp": False},  # + dense_overrides(config)
+    "fedavg_full_moe": {"strategy": "fedavg", "sparse-downlink": False, "dp": False},
+    "fedavg_dense": {"strategy": "fedavg", "sparse-downlink": False, "dp": False},  # + dense_overrides(config)
     "expert_matched_dp": {"strategy": "expert-matched", **DP},
-    "fedavg_full_moe_dp": {"strategy": "fedavg", **DP},
+    "fedavg_full_moe_dp": {"strategy": "fedavg", "sparse-downlink": False, **DP},
 }
 IN_PROCESS = ("local_only", "centralized")
 METHODS = ("expert_matched", "fedavg_full_moe", "fedavg_dense", "local_only", "centralized",

@@ -57,6 +57,7 @@ class RunConfig:
     round_timeout: float = _key(600.0, _positive, "seconds the server waits for replies in a round; sites that miss it are logged as lost")
     strategy: str = _key("expert-matched", _choice("expert-matched", "fedavg"),
                          "expert-matched: sites train and send their active experts; fedavg: Flower's FedAvg, every expert trained and sent")
+    sparse_downlink: bool = _key(True, None, "send each site only the tensors changed since the model version it holds")
     # Local training
     local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
     batch_size: int = _key(64, _at_least(1), "expected local batch size")

@@ -12,8 +12,11 @@ experts) and the metrics hold:
   bytes           int, size of the ArrayRecord the site sent (the server measures what it received)
   epsilon         float, the site's epsilon so far (dp only; with a "privacy" ConfigRecord
                   holding its ledger as JSON)
+  model-version   int, the version of the global model the site now holds (fedmoe.downlink)
 A site whose privacy budget would be exceeded replies RecordDict{"status": ConfigRecord} with
-status "budget-exhausted" instead. The server sends ConfigRecord{"server-round", "run-dir"}.
+status "budget-exhausted" instead, and a site that cannot complete a sparse downlink message
+status "model-cache-miss". The server sends ConfigRecord{"server-round", "run-dir",
+"model-version", "base-version"} with the tensors changed since base-version (-1: all).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ PRIVACY = "privacy"
 STATUS = "status"
 RUN_DIR = "run-dir"
 BUDGET_EXHAUSTED = "budget-exhausted"
+MODEL_CACHE_MISS = "model-cache-miss"
+MODEL_VERSION = "model-version"
+BASE_VERSION = "base-version"
 
 NUM_EXAMPLES = "num-examples"
 SITE = "partition-id"
@@ -50,6 +56,14 @@ _NPY_HEADER = re.compile(rb"'descr': '([^']+)', 'fortran_order': False, 'shape':
 
 class InvalidReply(ValueError):
     """A reply that must not be aggregated; the message says why."""
+
+
+class ModelCacheMiss(Exception):
+    """The site could not complete a sparse downlink message; it needs the whole model."""
+
+    def __init__(self, site: int, held: int) -> None:
+        super().__init__(f"site {site} holds model version {held}: cannot complete a sparse downlink message")
+        self.site, self.held = site, held
 
 
 class BudgetExhausted(Exception):
@@ -146,14 +160,42 @@ def encode_budget_exhausted(site: int, epsilon: float, projected: float) -> Reco
     })})
 
 
+def encode_model_cache_miss(site: int, held: int) -> RecordDict:
+    return RecordDict({STATUS: ConfigRecord({STATUS: MODEL_CACHE_MISS, SITE: int(site), MODEL_VERSION: int(held)})})
+
+
+def stamp_model_version(content: RecordDict, version: int) -> RecordDict:
+    """Add the model version the site holds to its reply (metrics, or the status record)."""
+    record = content.metric_records.get(METRICS) or content.config_records.get(STATUS)
+    record[MODEL_VERSION] = int(version)
+    return content
+
+
+def held_model_version(content: RecordDict) -> int | None:
+    """The model version a reply says its site holds, if it says one."""
+    for record in (content.metric_records.get(METRICS), content.config_records.get(STATUS)):
+        if record is not None and isinstance(record.get(MODEL_VERSION), int):
+            return int(record[MODEL_VERSION])
+    return None
+
+
+def raise_for_status(content: RecordDict) -> None:
+    """Raise BudgetExhausted or ModelCacheMiss for a site that replied with that status."""
+    status = content.config_records.get(STATUS)
+    if status is None:
+        return
+    if status.get(STATUS) == BUDGET_EXHAUSTED:
+        raise BudgetExhausted(int(status.get(SITE, -1)), float(status.get(EPSILON, float("nan"))))
+    if status.get(STATUS) == MODEL_CACHE_MISS:
+        raise ModelCacheMiss(int(status.get(SITE, -1)), int(status.get(MODEL_VERSION, -1)))
+
+
 def decode_train_reply(
     content: RecordDict, global_arrays: Mapping[str, np.ndarray], num_experts: int
 ) -> TrainReply:
     """Parse and validate a train reply against the current global model; raise InvalidReply
-    (or BudgetExhausted for a site that declined to train)."""
-    status = content.config_records.get(STATUS)
-    if status is not None and status.get(STATUS) == BUDGET_EXHAUSTED:
-        raise BudgetExhausted(int(status.get(SITE, -1)), float(status.get(EPSILON, float("nan"))))
+    (or BudgetExhausted / ModelCacheMiss for a site that did not train)."""
+    raise_for_status(content)
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         raise InvalidReply(f"reply lacks the '{ARRAYS}' ArrayRecord or the '{METRICS}' MetricRecord")
     metrics = content.metric_records[METRICS]
@@ -223,7 +265,8 @@ def encode_evaluate_reply(site: int, num_examples: int, accuracy: float, loss: f
 
 
 def decode_evaluate_reply(content: RecordDict) -> tuple[int, int, float, float]:
-    """(site, num-examples, accuracy, loss) of an evaluate reply; raise InvalidReply."""
+    """(site, num-examples, accuracy, loss) of an evaluate reply; raise InvalidReply (or ModelCacheMiss)."""
+    raise_for_status(content)
     metrics = content.metric_records.get(METRICS)
     if metrics is None or any(k not in metrics for k in (NUM_EXAMPLES, SITE, EVAL_ACCURACY, EVAL_LOSS)):
         raise InvalidReply("evaluate reply lacks metrics")

@@ -64,6 +64,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = STRATEGIES[cfg.strategy](
         num_experts=cfg.num_experts,
         round_offset=done,
+        sparse_downlink=cfg.sparse_downlink,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_nodes,

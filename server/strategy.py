@@ -10,6 +10,9 @@ With x_i the tensors site i sent, n_i its examples and c_ie the tokens it routed
         expert e         x_e <- sum_{i in R_e} c_ie x_ie / sum_{i in R_e} c_ie,  R_e = sites that sent e
         untrained expert x_e unchanged, bit for bit
 
+With sparse downlink (fedmoe.downlink) each node is sent only the tensors that changed since
+the model version it last reported holding; a node the server knows nothing of gets the whole model.
+
 Replies that fail validation (``fedmoe.wire.decode_train_reply``) are dropped with the reason
 logged and counted; the round goes on with the rest.
 """
@@ -21,13 +24,14 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fedmoe import wire
 from fedmoe.aggregation import SiteUpdate, expert_matched_average, load_coefficient_of_variation
+from fedmoe.downlink import WHOLE_MODEL, ModelVersions
 
 
 @dataclass
@@ -49,6 +53,7 @@ class RoundStats:
     site_epsilon: dict[str, float] = field(default_factory=dict)
     site_accuracy: dict[str, float] = field(default_factory=dict)
     site_loss: dict[str, float] = field(default_factory=dict)
+    model_cache_misses: list[int] = field(default_factory=list)  # nodes that needed the whole model
 
 
 class FedAvgMoE(FedAvg):
@@ -61,14 +66,18 @@ class FedAvgMoE(FedAvg):
         Experts per MoE layer (global expert id = layer * num_experts + expert).
     round_offset : int
         Rounds already done by the run this one resumes (Strategy.start counts from 1).
+    sparse_downlink : bool
+        Send each node only the tensors changed since the model version it holds.
     **kwargs
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
 
-    def __init__(self, num_experts: int, round_offset: int = 0, **kwargs) -> None:
+    def __init__(self, num_experts: int, round_offset: int = 0, sparse_downlink: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_experts = num_experts
         self.round_offset = round_offset
+        self.sparse_downlink = sparse_downlink
+        self.versions = ModelVersions(round_offset)
         self.sampled: dict[int, list[int]] = {}
         self.global_arrays: dict[str, np.ndarray] = {}
         self.round_stats: dict[int, RoundStats] = {}
@@ -82,14 +91,46 @@ class FedAvgMoE(FedAvg):
         self.global_arrays = wire.to_numpy(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
-        self._stats(server_round).downlink_bytes += arrays.count_bytes() * len(messages)
+        self._stats(server_round).downlink_bytes += self.address_models(messages, arrays)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self._stats(server_round).downlink_bytes += arrays.count_bytes() * len(messages)
+        self._stats(server_round).downlink_bytes += self.address_models(messages, arrays)
         return messages
+
+    def address_models(self, messages: list[Message], arrays: ArrayRecord) -> int:
+        """Give each message the tensors its node lacks (all of them without sparse downlink) and
+        the model version they complete; returns the bytes sent."""
+        sent = 0
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            base, keys = self.versions.delta(node, arrays.keys()) if self.sparse_downlink else (WHOLE_MODEL, list(arrays.keys()))
+            record = ArrayRecord({k: arrays[k] for k in keys})
+            config = ConfigRecord({**msg.content[wire.CONFIG], wire.MODEL_VERSION: self.versions.version,
+                                   wire.BASE_VERSION: base})
+            msg.content = RecordDict({wire.ARRAYS: record, wire.CONFIG: config})
+            sent += record.count_bytes()
+        return sent
+
+    def note_model_version(self, server_round: int, msg: Message) -> bool:
+        """Record which model version the replying node holds; False for a model-cache-miss reply
+        (logged, counted, and the node gets the whole model next time)."""
+        node = msg.metadata.src_node_id
+        try:
+            wire.raise_for_status(msg.content)
+        except wire.ModelCacheMiss as miss:
+            log(WARNING, "round %d: node %d: %s; it gets the whole model next time", server_round, node, miss)
+            self._stats(server_round).model_cache_misses.append(node)
+            self.versions.forget(node)
+            return False
+        except wire.BudgetExhausted:
+            pass
+        version = wire.held_model_version(msg.content)
+        if version is not None:
+            self.versions.heard_from(node, version)
+        return True
 
     def decode_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[Message, wire.TrainReply]]:
         """Valid train replies with their messages; every dropped one is logged and recorded with its reason."""
@@ -99,6 +140,8 @@ class FedAvgMoE(FedAvg):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 reason = f"node {node}: error reply: {msg.error.reason}"
+            elif not self.note_model_version(server_round, msg):
+                continue
             else:
                 try:
                     valid.append((msg, wire.decode_train_reply(msg.content, self.global_arrays, self.num_experts)))
@@ -128,6 +171,7 @@ class FedAvgMoE(FedAvg):
             log(WARNING, "round %d: no valid train replies; global model unchanged", server_round)
             return None, None
         new_arrays = self.average(server_round, decoded)
+        self.versions.record_update(self.global_arrays, wire.to_numpy(new_arrays), server_round)
         valid = [reply for _, reply in decoded]
         load = np.sum([r.expert_counts for r in valid], axis=0)
         stats.uplink_bytes = sum(r.nbytes for r in valid)
@@ -162,6 +206,8 @@ class FedAvgMoE(FedAvg):
         for msg in replies:
             if msg.has_error():
                 log(WARNING, "round %d: evaluation error from node %d: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
+                continue
+            if not self.note_model_version(server_round, msg):
                 continue
             try:
                 site, n, acc, loss = wire.decode_evaluate_reply(msg.content)

@@ -1,0 +1,69 @@
+"""Sparse downlink: a site keeps the last global model it received, and the server sends it only
+the tensors that changed since the version the site holds.
+
+Versions: the global model after round r has version r (the initial model: the round the run
+starts after). The server records, per tensor, the version at which it last changed and, per
+node, the newest version that node reported holding in a reply. A message to a node known to hold
+version b carries the tensors changed after b (``base-version`` b); a node with no known
+version gets the whole model (``base-version`` -1).
+
+A site holding version c >= b merges the message into its copy: a tensor unchanged since b is
+unchanged since c, and every tensor changed since b is in the message. A site with no copy, or
+c < b (it lost its node state), cannot; it answers ``model-cache-miss`` and the server forgets its
+version, so its next message carries the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+WHOLE_MODEL = -1
+
+
+class ModelVersions:
+    """Server side: which tensors changed when, and which version each node holds."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.changed_at: dict[str, int] = {}  # tensor -> version of its last change (absent: initial)
+        self.node_version: dict[int, int] = {}
+
+    def record_update(self, old: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray], version: int) -> list[str]:
+        """The global model became ``new`` (version ``version``); returns the tensors that changed."""
+        changed = [k for k, v in new.items() if k not in old or not (v is old[k] or np.array_equal(v, old[k]))]
+        self.changed_at.update(dict.fromkeys(changed, version))
+        self.version = version
+        return changed
+
+    def delta(self, node: int, keys: Iterable[str]) -> tuple[int, list[str]]:
+        """(base version, tensors to send) for a message to ``node``."""
+        base = self.node_version.get(node)
+        if base is None:
+            return WHOLE_MODEL, list(keys)
+        return base, [k for k in keys if self.changed_at.get(k, WHOLE_MODEL) > base]
+
+    def heard_from(self, node: int, version: int) -> None:
+        if version <= self.version:
+            self.node_version[node] = max(version, self.node_version.get(node, WHOLE_MODEL))
+
+    def forget(self, node: int) -> None:
+        self.node_version.pop(node, None)
+
+
+class CacheMiss(Exception):
+    """The site cannot complete a sparse message: it holds no copy, or one older than the base."""
+
+    def __init__(self, held: int, base: int) -> None:
+        super().__init__(f"holds model version {held}, the message completes version {base} onwards")
+        self.held = held
+
+
+def complete(received: Mapping, base: int, cached: Mapping | None, cached_version: int):
+    """Client side: the whole model from a message's tensors and the site's cached copy."""
+    if base == WHOLE_MODEL:
+        return dict(received)
+    if cached is None or cached_version < base:
+        raise CacheMiss(cached_version if cached is not None else WHOLE_MODEL, base)
+    return {**cached, **received}
