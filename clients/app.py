@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -31,6 +32,9 @@ from fedmoe.training import (
     train_epochs,
     trained_state,
 )
+
+if TYPE_CHECKING:
+    from fedmoe import privacy
 
 app = ClientApp()
 LEDGER_STATE = "privacy-ledger"
