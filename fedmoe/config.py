@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .aggregation import RobustRules
 from .model import MoEConfig
 
 
@@ -39,6 +40,12 @@ def _fraction(value: float) -> str | None:
     return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
 
 
+def _in_range(low: float, high: float):
+    def check(value: float) -> str | None:
+        return None if low <= value <= high else f"must be in [{low}, {high}]"
+    return check
+
+
 def _open_fraction(value: float) -> str | None:
     return None if 0.0 < value < 1.0 else "must be in (0, 1)"
 
@@ -58,6 +65,14 @@ class RunConfig:
     strategy: str = _key("expert-matched", _choice("expert-matched", "fedavg"),
                          "expert-matched: sites train and send their active experts; fedavg: Flower's FedAvg, every expert trained and sent")
     sparse_downlink: bool = _key(True, None, "send each site only the tensors changed since the model version it holds")
+    # Robust aggregation (expert-matched; fedmoe.aggregation.RobustRules) and reply validation
+    aggregation: str = _key("mean", _choice("mean", "trimmed-mean", "median"), "how each expert (and the shared tensors) combines the sites' updates")
+    trim_fraction: float = _key(0.2, _in_range(0.0, 0.49), "aggregation=trimmed-mean: share of largest and of smallest values dropped per coordinate")
+    update_norm_bound: float = _key(0.0, _at_least(0.0), "clip each site's update to each expert (and to the shared tensors) to this L2 norm (0: off)")
+    outlier_mad: float = _key(0.0, _at_least(0.0), "drop a site's update to an expert whose norm's modified z-score exceeds this (0: off; 3.5 is usual)")
+    outlier_min_cosine: float = _key(-1.0, _in_range(-1.0, 1.0), "drop a site's update to an expert whose cosine to the median update is below this (-1: off)")
+    outlier_min_contributors: int = _key(3, _at_least(2), "outlier tests run on experts with at least this many updates")
+    max_update_norm: float = _key(0.0, _at_least(0.0), "reject a whole reply whose update (all its tensors) has a larger L2 norm (0: off)")
     # Local training
     local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
     batch_size: int = _key(64, _at_least(1), "expected local batch size")
@@ -117,6 +132,9 @@ class RunConfig:
             )
         if 28 % self.patch_size:
             raise ConfigError(f"run config 'patch-size': must divide 28, got {self.patch_size}")
+        if self.strategy == "fedavg" and not self.robust_rules().plain:
+            raise ConfigError("run config 'aggregation' / 'update-norm-bound' / 'outlier-*': robust rules need "
+                              "strategy=expert-matched (fedavg is Flower's FedAvg as is)")
         if self.domains_per_site > 3:
             raise ConfigError(f"run config 'domains-per-site': there are 3 domains, got {self.domains_per_site}")
 
@@ -137,6 +155,13 @@ class RunConfig:
 
     def as_run_config(self) -> dict[str, Any]:
         return {config_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def robust_rules(self) -> RobustRules:
+        return RobustRules(
+            rule=self.aggregation, trim_fraction=self.trim_fraction, update_norm_bound=self.update_norm_bound,
+            outlier_mad=self.outlier_mad, outlier_min_cosine=self.outlier_min_cosine,
+            min_contributors=self.outlier_min_contributors,
+        )
 
     def model_config(self) -> MoEConfig:
         return MoEConfig(

@@ -191,10 +191,11 @@ def raise_for_status(content: RecordDict) -> None:
 
 
 def decode_train_reply(
-    content: RecordDict, global_arrays: Mapping[str, np.ndarray], num_experts: int
+    content: RecordDict, global_arrays: Mapping[str, np.ndarray], num_experts: int, max_update_norm: float = 0.0
 ) -> TrainReply:
     """Parse and validate a train reply against the current global model; raise InvalidReply
-    (or BudgetExhausted / ModelCacheMiss for a site that did not train)."""
+    (or BudgetExhausted / ModelCacheMiss for a site that did not train). With max_update_norm > 0,
+    a reply whose update (all its tensors minus the global ones) has a larger L2 norm is invalid."""
     raise_for_status(content)
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         raise InvalidReply(f"reply lacks the '{ARRAYS}' ArrayRecord or the '{METRICS}' MetricRecord")
@@ -240,6 +241,10 @@ def decode_train_reply(
         raise InvalidReply(
             f"tensors do not match the active experts {active}: missing {missing}, not active {extra}"
         )
+    if max_update_norm > 0:
+        norm = float(np.sqrt(sum(float(((v.astype(np.float64) - global_arrays[k]) ** 2).sum()) for k, v in arrays.items())))
+        if norm > max_update_norm:
+            raise InvalidReply(f"update norm {norm:.4g} exceeds max-update-norm {max_update_norm:g}")
     epsilon, ledger_json = None, None
     if EPSILON in metrics:
         epsilon = float(metrics[EPSILON])

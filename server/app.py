@@ -61,10 +61,13 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "fedmoe: nothing to do: %d of %d rounds already done", done, cfg.num_server_rounds)
         return
 
+    robust = {"rules": cfg.robust_rules()} if cfg.strategy == "expert-matched" else {}
     strategy = STRATEGIES[cfg.strategy](
         num_experts=cfg.num_experts,
         round_offset=done,
         sparse_downlink=cfg.sparse_downlink,
+        max_update_norm=cfg.max_update_norm,
+        **robust,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_nodes,

@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fedmoe import wire
-from fedmoe.aggregation import SiteUpdate, expert_matched_average, load_coefficient_of_variation
+from fedmoe.aggregation import RobustRules, SiteUpdate, expert_matched_average, load_coefficient_of_variation
 from fedmoe.downlink import WHOLE_MODEL, ModelVersions
 
 
@@ -54,6 +54,7 @@ class RoundStats:
     site_accuracy: dict[str, float] = field(default_factory=dict)
     site_loss: dict[str, float] = field(default_factory=dict)
     model_cache_misses: list[int] = field(default_factory=list)  # nodes that needed the whole model
+    dropped_updates: list[str] = field(default_factory=list)  # site updates to units the robust rules dropped
 
 
 class FedAvgMoE(FedAvg):
@@ -68,13 +69,17 @@ class FedAvgMoE(FedAvg):
         Rounds already done by the run this one resumes (Strategy.start counts from 1).
     sparse_downlink : bool
         Send each node only the tensors changed since the model version it holds.
+    max_update_norm : float
+        Reject a reply whose whole update has a larger L2 norm (0: no bound).
     **kwargs
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
 
-    def __init__(self, num_experts: int, round_offset: int = 0, sparse_downlink: bool = True, **kwargs) -> None:
+    def __init__(self, num_experts: int, round_offset: int = 0, sparse_downlink: bool = True,
+                 max_update_norm: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_experts = num_experts
+        self.max_update_norm = max_update_norm
         self.round_offset = round_offset
         self.sparse_downlink = sparse_downlink
         self.versions = ModelVersions(round_offset)
@@ -144,7 +149,7 @@ class FedAvgMoE(FedAvg):
                 continue
             else:
                 try:
-                    valid.append((msg, wire.decode_train_reply(msg.content, self.global_arrays, self.num_experts)))
+                    valid.append((msg, wire.decode_train_reply(msg.content, self.global_arrays, self.num_experts, self.max_update_norm)))
                     continue
                 except wire.BudgetExhausted as exc:
                     log(INFO, "round %d: %s", server_round, exc)
@@ -225,7 +230,12 @@ class FedAvgMoE(FedAvg):
 
 
 class ExpertMatched(FedAvgMoE):
-    """FedAvg's sampling and messaging with expert-matched aggregation of sparse replies."""
+    """FedAvg's sampling and messaging with expert-matched aggregation of sparse replies, under
+    optional robust rules (fedmoe.aggregation.RobustRules) per expert and for the shared tensors."""
+
+    def __init__(self, num_experts: int, rules: RobustRules = RobustRules(), **kwargs) -> None:
+        super().__init__(num_experts, **kwargs)
+        self.rules = rules
 
     def summary(self) -> None:
         super().summary()
@@ -233,10 +243,13 @@ class ExpertMatched(FedAvgMoE):
 
     def average(self, server_round: int, decoded: list[tuple[Message, wire.TrainReply]]) -> ArrayRecord:
         updates = [
-            SiteUpdate(r.arrays, r.num_examples, {e: float(r.expert_counts[e]) for e in r.active_experts})
+            SiteUpdate(r.arrays, r.num_examples, {e: float(r.expert_counts[e]) for e in r.active_experts}, site=r.site)
             for _, r in decoded
         ]
+        dropped = self._stats(server_round).dropped_updates
         new_arrays = expert_matched_average(
-            self.global_arrays, updates, lambda key: wire.expert_id(key, self.num_experts)
+            self.global_arrays, updates, lambda key: wire.expert_id(key, self.num_experts), self.rules, dropped
         )
+        for reason in dropped:
+            log(WARNING, "round %d: robust aggregation dropped %s", server_round, reason)
         return wire.to_record(new_arrays)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedmoe.aggregation import SiteUpdate, expert_matched_average, load_coefficient_of_variation, weighted_mean
+from fedmoe.aggregation import RobustRules, SiteUpdate, expert_matched_average, load_coefficient_of_variation, weighted_mean
 
 
 def expert_of(key):
@@ -71,3 +71,68 @@ def test_weighted_mean_matches_numpy_average():
 @pytest.mark.parametrize("load,cv", [([5, 5, 5, 5], 0.0), ([0, 0, 0, 0], 0.0), ([2, 0], 1.0), ([1, 3], 0.5)])
 def test_load_coefficient_of_variation(load, cv):
     assert load_coefficient_of_variation(np.array(load)) == pytest.approx(cv)
+
+
+# --- robust rules on hand-computed cases ---------------------------------------------------------
+
+ZERO = {"trunk": np.zeros(2, np.float32), "expert/1": np.zeros(2, np.float32), "expert/2": np.ones(1, np.float32)}
+
+
+def expert_updates(values, counts=None):
+    """Sites sending the trunk unchanged and expert 1 at the given values."""
+    counts = counts or [1.0] * len(values)
+    return [SiteUpdate({"trunk": ZERO["trunk"], "expert/1": np.asarray(v, np.float32)}, 10, {1: c}, site=i)
+            for i, (v, c) in enumerate(zip(values, counts))]
+
+
+def robust(updates, **rules):
+    dropped = []
+    out = expert_matched_average(ZERO, updates, expert_of, RobustRules(**rules), dropped)
+    return out, dropped
+
+
+def test_trimmed_mean_drops_the_extremes_of_each_coordinate():
+    out, _ = robust(expert_updates([[1, -1], [2, -2], [3, -3], [4, -4], [100, -100]]), rule="trimmed-mean", trim_fraction=0.2)
+    np.testing.assert_allclose(out["expert/1"], [3, -3])  # mean of 2, 3, 4
+
+
+def test_median_ignores_one_scaled_update():
+    out, _ = robust(expert_updates([[1, 0], [2, 0], [100, 0]]), rule="median")
+    np.testing.assert_allclose(out["expert/1"], [2, 0])
+
+
+def test_update_norm_bound_clips_each_site_before_the_weighted_mean():
+    out, _ = robust(expert_updates([[3, 4], [0.3, 0.4]], counts=[1, 1]), update_norm_bound=1.0)
+    # (3, 4) has norm 5 -> (0.6, 0.8); (0.3, 0.4) stays; mean (0.45, 0.6)
+    np.testing.assert_allclose(out["expert/1"], [0.45, 0.6], rtol=1e-6)
+
+
+def test_norm_outlier_is_dropped_and_reported():
+    out, dropped = robust(expert_updates([[1, 0], [1.1, 0], [0.9, 0], [50, 0]]), outlier_mad=3.5)
+    np.testing.assert_allclose(out["expert/1"], [1.0, 0], rtol=1e-6)
+    assert len(dropped) == 1 and dropped[0].startswith("site 3: expert 1: update norm 50")
+
+
+def test_direction_outlier_is_dropped():
+    out, dropped = robust(expert_updates([[1, 1], [1.1, 0.9], [-5, -5]]), outlier_min_cosine=0.0)
+    np.testing.assert_allclose(out["expert/1"], [1.05, 0.95], rtol=1e-6)
+    assert dropped and "site 2: expert 1: cosine" in dropped[0]
+
+
+def test_outlier_tests_need_enough_contributors():
+    out, dropped = robust(expert_updates([[1, 0], [50, 0]]), outlier_mad=3.5, min_contributors=3)
+    assert not dropped
+    np.testing.assert_allclose(out["expert/1"], [25.5, 0])
+
+
+def test_robust_rules_keep_untouched_experts_and_never_go_non_finite():
+    updates = expert_updates([[np.nan, 0], [1, 0], [2, 0]])
+    out, dropped = robust(updates, rule="mean", update_norm_bound=10.0)
+    assert out["expert/2"] is ZERO["expert/2"]
+    np.testing.assert_array_equal(out["expert/1"], ZERO["expert/1"])  # NaN would have spread: unit kept
+    assert any("non-finite" in d for d in dropped)
+
+
+def test_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="aggregation"):
+        RobustRules(rule="krum")
