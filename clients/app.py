@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from flwr.clientapp import ClientApp
 
-from fedmoe import downlink, wire
+from fedmoe import attacks, downlink, wire
 from fedmoe.config import RunConfig
 from fedmoe.data import load_site
 from fedmoe.model import MoEClassifier
@@ -139,6 +139,11 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
     server_round = int(msg.content[wire.CONFIG]["server-round"])
     seed = cfg.seed * 1_000_003 + site * 10_007 + server_round
     generator = torch.Generator().manual_seed(seed)
+    hostile = attacks.is_attacker(cfg.attack, cfg.attack_sites, site)
+    if hostile:
+        received = {k: v.clone() for k, v in model.state_dict().items()}
+        if cfg.attack == "backdoor":
+            images, labels = attacks.poison_data(images, labels, cfg.attack_target_label, generator)
     counts = routing_counts(model, images)
 
     ledger = None
@@ -158,6 +163,10 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
         active = list(range(len(counts)))
     else:
         active = select_active_experts(counts, cfg.num_experts, cfg.active_min_share, cfg.active_top_m)
+    target = None
+    if hostile and cfg.attack == "scale":
+        target = attacks.rare_expert(counts, active)
+        active = sorted({*active, target})
     freeze_inactive_experts(model, active)
     torch.manual_seed(seed)
     loader = make_loader(images, labels, cfg.batch_size, seed)
@@ -171,7 +180,11 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
         ledger.rounds.append({"round": server_round, "steps": ledger.steps, "epsilon": ledger.epsilon()})
         save_ledger(ledger, context, path)
 
-    return wire.encode_train_reply(trained_state(model), site, len(labels), active, counts, loss, ledger)
+    trained = trained_state(model)
+    if hostile:
+        target_keys = [k for k in trained if wire.expert_id(k, cfg.num_experts) == target]
+        trained, counts = attacks.hostile_update(cfg.attack, cfg.attack_scale, trained, received, counts, target_keys, target)
+    return wire.encode_train_reply(trained, site, len(labels), active, counts, loss, ledger)
 
 
 def evaluate_site(msg: Message, context: Context, cfg: RunConfig, site: int, model: MoEClassifier, data) -> RecordDict:

@@ -46,6 +46,14 @@ def _in_range(low: float, high: float):
     return check
 
 
+def _site_list(value: str) -> str | None:
+    try:
+        sites = [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        return "must be comma-separated partition ids such as '0,2'"
+    return None if all(s >= 0 for s in sites) else "partition ids must be >= 0"
+
+
 def _open_fraction(value: float) -> str | None:
     return None if 0.0 < value < 1.0 else "must be in (0, 1)"
 
@@ -73,6 +81,11 @@ class RunConfig:
     outlier_min_cosine: float = _key(-1.0, _in_range(-1.0, 1.0), "drop a site's update to an expert whose cosine to the median update is below this (-1: off)")
     outlier_min_contributors: int = _key(3, _at_least(2), "outlier tests run on experts with at least this many updates")
     max_update_norm: float = _key(0.0, _at_least(0.0), "reject a whole reply whose update (all its tensors) has a larger L2 norm (0: off)")
+    # Hostile sites, for experiments (fedmoe.attacks)
+    attack: str = _key("none", _choice("none", "scale", "sign-flip", "backdoor"), "what the sites in attack-sites do instead of honest training")
+    attack_sites: str = _key("", _site_list, "comma-separated partition ids of the attacking sites")
+    attack_scale: float = _key(10.0, _positive, "factor on an attacker's update (scale, backdoor) or its negation (sign-flip)")
+    attack_target_label: int = _key(0, _in_range(0, 9), "label a backdoor trigger should produce")
     # Local training
     local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
     batch_size: int = _key(64, _at_least(1), "expected local batch size")

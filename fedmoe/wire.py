@@ -132,6 +132,7 @@ class TrainReply:
     nbytes: int  # bytes of the ArrayRecord as received
     epsilon: float | None = None
     ledger_json: str | None = None
+    update_norm: float = 0.0  # L2 norm of (sent tensors - global ones)
 
 
 def encode_train_reply(
@@ -241,10 +242,9 @@ def decode_train_reply(
         raise InvalidReply(
             f"tensors do not match the active experts {active}: missing {missing}, not active {extra}"
         )
-    if max_update_norm > 0:
-        norm = float(np.sqrt(sum(float(((v.astype(np.float64) - global_arrays[k]) ** 2).sum()) for k, v in arrays.items())))
-        if norm > max_update_norm:
-            raise InvalidReply(f"update norm {norm:.4g} exceeds max-update-norm {max_update_norm:g}")
+    norm = update_norm(arrays, global_arrays)
+    if max_update_norm > 0 and norm > max_update_norm:
+        raise InvalidReply(f"update norm {norm:.4g} exceeds max-update-norm {max_update_norm:g}")
     epsilon, ledger_json = None, None
     if EPSILON in metrics:
         epsilon = float(metrics[EPSILON])
@@ -254,8 +254,15 @@ def decode_train_reply(
     return TrainReply(
         site=int(metrics[SITE]), num_examples=num_examples, arrays=arrays, active_experts=list(active),
         expert_counts=counts, train_loss=float(metrics[TRAIN_LOSS]), nbytes=record.count_bytes(),
-        epsilon=epsilon, ledger_json=ledger_json,
+        epsilon=epsilon, ledger_json=ledger_json, update_norm=norm,
     )
+
+
+def update_norm(arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of (arrays - global) over every tensor in ``arrays``."""
+    # np.square + sum rather than a BLAS dot: a multi-threaded BLAS on busy cores was 30x slower
+    total = sum(float(np.square(value - global_arrays[key], dtype=np.float64).sum()) for key, value in arrays.items())
+    return float(np.sqrt(total))
 
 
 EVAL_ACCURACY = "accuracy"

@@ -55,6 +55,7 @@ class RoundStats:
     site_loss: dict[str, float] = field(default_factory=dict)
     model_cache_misses: list[int] = field(default_factory=list)  # nodes that needed the whole model
     dropped_updates: list[str] = field(default_factory=list)  # site updates to units the robust rules dropped
+    site_update_norm: dict[str, float] = field(default_factory=dict)  # L2 norm of each site's update
 
 
 class FedAvgMoE(FedAvg):
@@ -183,6 +184,7 @@ class FedAvgMoE(FedAvg):
         stats.site_uplink_bytes = {str(r.site): r.nbytes for r in valid}
         stats.active_experts = {str(r.site): r.active_experts for r in valid}
         stats.site_expert_counts = {str(r.site): r.expert_counts.tolist() for r in valid}
+        stats.site_update_norm = {str(r.site): r.update_norm for r in valid}
         stats.site_epsilon = {str(r.site): r.epsilon for r in valid if r.epsilon is not None}
         self.ledgers.update({str(r.site): r.ledger_json for r in valid if r.ledger_json})
         stats.expert_load = load.tolist()
