@@ -9,19 +9,18 @@ site continues its budget. A run resumed from a checkpoint keeps its run name, s
 
 from __future__ import annotations
 
-from functools import lru_cache
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from flwr.clientapp import ClientApp
 
-from fedmoe import attacks, downlink, wire
+from fedmoe import attacks, downlink, tasks, wire
 from fedmoe.config import RunConfig
-from fedmoe.data import load_site
-from fedmoe.model import MoEClassifier
 from fedmoe.selection import select_active_experts
 from fedmoe.training import (
     evaluate as evaluate_model,
@@ -42,34 +41,23 @@ MODEL_CACHE = "model-cache"  # the global model the site holds (fedmoe.downlink)
 MODEL_CACHE_VERSION = "model-cache-version"
 
 
-@lru_cache(maxsize=4)
-def site_tensors(cfg: RunConfig, partition_id: int, num_partitions: int):
-    """(train images, train labels, test images, test labels) of this site, cached per process."""
-    site = load_site(
-        partition_id, num_partitions, partitioning=cfg.partitioning, alpha=cfg.dirichlet_alpha,
-        domains_per_site=cfg.domains_per_site, seed=cfg.seed, test_fraction=cfg.site_test_fraction,
-        source=cfg.data_source, max_examples=cfg.max_examples_per_site,
-    )
-    return (*site.train.tensors(), *site.test.tensors())
-
-
 def answer(msg: Message, context: Context, handler) -> Message:
     """Reply with ``handler(msg, context, cfg, site, model, site tensors)`` run on the message's
     model. Every reply says which model version the site now holds; a sparse downlink message the
     site cannot complete is answered with model-cache-miss instead."""
     cfg = RunConfig.from_run_config(context.run_config)
     site = int(context.node_config["partition-id"])
-    model = MoEClassifier(cfg.model_config())
+    model = tasks.build_model(cfg)
     try:
         version = receive_model(msg, context, model)
     except downlink.CacheMiss as miss:
         return Message(wire.encode_model_cache_miss(site, miss.held), reply_to=msg)
-    data = site_tensors(cfg, site, int(context.node_config["num-partitions"]))
+    data = tasks.site_data(cfg, site, int(context.node_config["num-partitions"]))
     content = handler(msg, context, cfg, site, model, data)
     return Message(wire.stamp_model_version(content, version), reply_to=msg)
 
 
-def receive_model(msg: Message, context: Context, model: MoEClassifier) -> int:
+def receive_model(msg: Message, context: Context, model: nn.Module) -> int:
     """Load the message's model into ``model``, completing a sparse message from the copy the
     site keeps in Context.state (fedmoe.downlink), and keep the result; returns its version."""
     config = msg.content[wire.CONFIG]
@@ -130,7 +118,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     return answer(msg, context, evaluate_site)
 
 
-def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model: MoEClassifier, data) -> RecordDict:
+def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model: nn.Module, data) -> RecordDict:
     images, labels, _, _ = data
     if cfg.dp:
         # imported here: Opacus takes seconds to import, and in a deployment every task is a new
@@ -187,7 +175,10 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
     return wire.encode_train_reply(trained, site, len(labels), active, counts, loss, ledger)
 
 
-def evaluate_site(msg: Message, context: Context, cfg: RunConfig, site: int, model: MoEClassifier, data) -> RecordDict:
-    _, _, test_images, test_labels = data
-    loss, accuracy = evaluate_model(model, test_images, test_labels)
-    return wire.encode_evaluate_reply(site, len(test_labels), accuracy, loss)
+def evaluate_site(msg: Message, context: Context, cfg: RunConfig, site: int, model: nn.Module, data) -> RecordDict:
+    _, _, test_inputs, test_targets = data
+    loss, accuracy = evaluate_model(model, test_inputs, test_targets)
+    bits_per_char = None
+    if cfg.task == "charlm":
+        bits_per_char = loss / math.log(2) * tasks.bytes_per_character(tasks.site_splits(cfg, site))
+    return wire.encode_evaluate_reply(site, len(test_targets), accuracy, loss, bits_per_char)

@@ -1,7 +1,8 @@
 """Benchmark: expert-matched federation against FedAvg, a dense model, isolated sites and pooled
 data, on the same split, seed and number of rounds.
 
-    python -m experiments.benchmark --preset smoke|full --out DIR [--target simulation|CONNECTION]
+    python -m experiments.benchmark --preset smoke|full|charlm-smoke|charlm-full --out DIR
+                                    [--target simulation|CONNECTION]
                                     [--methods expert_matched,fedavg_full_moe,...]
 
 Methods
@@ -25,6 +26,7 @@ DIR/accuracy_uplink.png and DIR/expert_utilisation.png (expert-by-site routing s
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -36,13 +38,29 @@ from typing import Any
 import numpy as np
 
 from .launch import Target, exit_on_sigterm, run_app
-from .reporting import driver_parser, markdown_table, plot_utilisation, progress, save_axes
+from fedmoe.plots import plot_utilisation, utilisation_panels
+
+from .reporting import driver_parser, markdown_table, progress, save_axes
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "sites": 3,
         "config": {"num-server-rounds": 5, "max-examples-per-site": 2000, "partitioning": "domain",
                    "batch-size": 64, "learning-rate": 0.002, "seed": 0},
+    },
+    # the charlm task: one Debian fortunes language per site
+    "charlm-smoke": {
+        "sites": 4,
+        "methods": ("expert_matched", "fedavg_full_moe", "local_only", "centralized"),
+        "config": {"task": "charlm", "languages": "en,de,ru,pl", "num-moe-layers": 2, "seq-len": 64,
+                   "num-server-rounds": 4, "max-examples-per-site": 1500, "batch-size": 32,
+                   "learning-rate": 0.002, "seed": 0},
+    },
+    "charlm-full": {
+        "sites": 8,
+        "methods": ("expert_matched", "fedavg_full_moe", "local_only", "centralized", "expert_matched_dp"),
+        "config": {"task": "charlm", "num-moe-layers": 2, "seq-len": 64, "num-server-rounds": 10,
+                   "max-examples-per-site": 6000, "batch-size": 32, "learning-rate": 0.002, "seed": 0},
     },
     "full": {
         "sites": 10,
@@ -86,7 +104,17 @@ def federated_result(summary: dict[str, Any], wall: float) -> dict[str, Any]:
         "uplink_bytes_per_round": [r["uplink_bytes"] for r in rounds],
         "site_expert_counts": rounds[-1]["site_expert_counts"],
         "full_model_bytes": summary["full_model_bytes"],
+        **charlm_metrics(summary),
     }
+
+
+def charlm_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    rounds = summary["rounds"]
+    if "bits_per_char" not in rounds[-1]:
+        return {}
+    return {"bits_per_char_per_round": [r["bits_per_char"] for r in rounds],
+            "final_bits_per_char": rounds[-1]["bits_per_char"],
+            "per_site_bits_per_char": rounds[-1]["site_bits_per_char"]}
 
 
 def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[str, Any]:
@@ -94,45 +122,42 @@ def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[st
     trained as a site trains: fresh optimiser per round, the round's learning rate, local-epochs."""
     import torch
 
-    from clients.app import site_tensors
+    from fedmoe import tasks
     from fedmoe.config import RunConfig
-    from fedmoe.data import load_global_test
-    from fedmoe.model import MoEClassifier
     from fedmoe.training import evaluate, make_loader, make_optimizer, train_epochs
 
     cfg = RunConfig.from_run_config(config)
     started = time.time()
-    data = [site_tensors(cfg, i, sites) for i in range(sites)]
-    test_images, test_labels = load_global_test(cfg.data_source).tensors()
+    data = [tasks.site_data(cfg, i, sites) for i in range(sites)]
+    test_inputs, test_targets = tasks.global_test(cfg)
     if method == "centralized":
         groups = {"all": (torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data]))}
     else:
         groups = {str(i): (d[0], d[1]) for i, d in enumerate(data)}
-    models: dict[str, MoEClassifier] = {}
-    curves: list[list[float]] = []
-    for name, (images, labels) in groups.items():
+    models: dict[str, torch.nn.Module] = {}
+    curves: list[list[tuple[float, float]]] = []  # (loss, accuracy) on the global test set per round
+    for name, (inputs, targets) in groups.items():
         torch.manual_seed(cfg.seed)
-        model = MoEClassifier(cfg.model_config())
+        model = tasks.build_model(cfg)
         curve = []
         for r in range(1, cfg.num_server_rounds + 1):
             seed = cfg.seed * 1_000_003 + (0 if name == "all" else int(name)) * 10_007 + r
             torch.manual_seed(seed)
             optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(r))
-            train_epochs(model, make_loader(images, labels, cfg.batch_size, seed), optimizer, cfg.local_epochs)
-            curve.append(evaluate(model, test_images, test_labels)[1])
+            train_epochs(model, make_loader(inputs, targets, cfg.batch_size, seed), optimizer, cfg.local_epochs)
+            curve.append(evaluate(model, test_inputs, test_targets))
         models[name] = model
         curves.append(curve)
-    per_site = {
-        str(i): evaluate(models["all" if method == "centralized" else str(i)], d[2], d[3])[1]
-        for i, d in enumerate(data)
-    }
-    accuracy_per_round = np.mean(curves, axis=0).tolist()  # local_only: mean over the sites' models
-    pooled_bytes = sum(int(d[0].numel()) + int(d[1].numel()) for d in data)  # uint8 pixels + label bytes
-    return {
+    per_site = {str(i): evaluate(models["all" if method == "centralized" else str(i)], d[2], d[3]) for i, d in enumerate(data)}
+    loss_per_round, accuracy_per_round = np.mean(curves, axis=0).T.tolist()  # local_only: mean over the sites' models
+    if cfg.task == "charlm":  # the raw text: every window's bytes
+        raw_bytes = sum(int(d[0].numel()) + len(d[0]) for d in data)
+    else:  # uint8 pixels and one byte per label
+        raw_bytes = sum(int(d[0].numel()) + int(d[1].numel()) for d in data)
+    result = {
         "final_accuracy": accuracy_per_round[-1],
-        "per_site_accuracy": per_site,
-        # centralized moves the raw training data (as uint8 pixels and one byte per label)
-        "uplink_bytes_total": pooled_bytes if method == "centralized" else 0,
+        "per_site_accuracy": {site: acc for site, (_, acc) in per_site.items()},
+        "uplink_bytes_total": raw_bytes if method == "centralized" else 0,  # centralized moves the raw data
         "downlink_bytes_total": 0,
         "rounds": cfg.num_server_rounds,
         "wall_seconds": round(time.time() - started, 1),
@@ -140,6 +165,15 @@ def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[st
         "accuracy_per_round": accuracy_per_round,
         "uplink_bytes_per_round": None,
     }
+    if cfg.task == "charlm":
+        per_nat = tasks.bytes_per_character(tasks.global_splits(cfg)) / math.log(2)
+        result["bits_per_char_per_round"] = [loss * per_nat for loss in loss_per_round]
+        result["final_bits_per_char"] = result["bits_per_char_per_round"][-1]
+        result["per_site_bits_per_char"] = {
+            site: loss / math.log(2) * tasks.bytes_per_character(tasks.site_splits(cfg, int(site)))
+            for site, (loss, _) in per_site.items()
+        }
+    return result
 
 
 def run_benchmark(preset: dict[str, Any], out: Path, target: Target = Target(),
@@ -173,9 +207,18 @@ def run_benchmark(preset: dict[str, Any], out: Path, target: Target = Target(),
     progress(len(methods), len(methods), started, "done")
     (out / "results.md").write_text(markdown_report(report))
     plot_curves(report["methods"], out)
-    counts = {m: r["site_expert_counts"] for m, r in report["methods"].items() if r.get("site_expert_counts")}
-    if counts:
-        plot_utilisation(counts, out / "expert_utilisation.png", "tokens routed to each expert, share per site")
+    from fedmoe import tasks
+    from fedmoe.config import RunConfig
+
+    cfg = RunConfig.from_run_config(config)
+    panels = {}
+    for method, r in report["methods"].items():
+        if r.get("site_expert_counts"):
+            experts = len(next(iter(r["site_expert_counts"].values()))) // cfg.num_moe_layers
+            layers = utilisation_panels(r["site_expert_counts"], experts, lambda s: tasks.site_label(cfg, int(s)))
+            panels.update({f"{method}, {layer}": rows for layer, rows in layers.items()})
+    if panels:
+        plot_utilisation(panels, out / "expert_utilisation.png", "tokens routed to each expert, share per site (last round)")
     return report
 
 
@@ -197,6 +240,10 @@ def headline(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     if em and lo:
         em_site, lo_site = mean_site_accuracy(em), mean_site_accuracy(lo)
         out["per_site_accuracy_relative_gain_over_local_only"] = em_site / lo_site - 1.0
+    if em and "final_bits_per_char" in em:
+        for name, other in results.items():
+            if name != "expert_matched" and "final_bits_per_char" in other:
+                out[f"bits_per_char_expert_matched_minus_{name}"] = em["final_bits_per_char"] - other["final_bits_per_char"]
     return out
 
 
@@ -217,6 +264,9 @@ def markdown_report(report: dict[str, Any]) -> str:
             "wall_s": r["wall_seconds"],
             "epsilon": "" if r["epsilon"] is None else f"{r['epsilon']:.3f}",
         })
+        if "final_bits_per_char" in r:
+            rows[-1]["bits_per_char"] = f"{r['final_bits_per_char']:.4f}"
+            rows[-1]["mean_per_site_bits_per_char"] = f"{float(np.mean(list(r['per_site_bits_per_char'].values()))):.4f}"
     lines = [
         f"Benchmark ({report['sites']} sites, target {report['target']}, {report['date']}, {report['machine']})",
         "", f"config: `{json.dumps(report['config'])}`", "",
@@ -250,9 +300,12 @@ def plot_curves(results: dict[str, dict[str, Any]], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     parser = driver_parser(__doc__, PRESETS)
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    parser.add_argument("--methods", default="", help="comma-separated subset of: " + ", ".join(METHODS)
+                        + " (default: the preset's, else all)")
     args = parser.parse_args(argv)
-    report = run_benchmark(PRESETS[args.preset], args.out, Target(args.target), tuple(args.methods.split(",")))
+    preset = PRESETS[args.preset]
+    methods = tuple(args.methods.split(",")) if args.methods else preset.get("methods", METHODS)
+    report = run_benchmark(preset, args.out, Target(args.target), methods)
     print(markdown_report(report))
     print(f"wrote {args.out / 'results.json'}, results.md and PNGs in {args.out}")
     return 0

@@ -51,33 +51,6 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     return "\n".join(lines)
 
 
-def plot_utilisation(panels: dict[str, dict[str, Sequence[float]]], path, title: str) -> None:
-    """Heat maps, one panel per entry: rows are sites (or languages), columns experts, each cell
-    the share of that row's routed tokens that went to the expert."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 0.45 * sum(len(p) for p in panels.values())),
-                             squeeze=False)
-    for ax, (name, rows) in zip(axes[:, 0], panels.items()):
-        labels = sorted(rows, key=lambda s: (len(s), s))
-        counts = np.array([rows[s] for s in labels], dtype=np.float64)
-        shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-12)
-        image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0.0)
-        ax.set_yticks(range(len(labels)))
-        ax.set_yticklabels(labels, fontsize=7)
-        ax.set_xlabel("expert", fontsize=8)
-        ax.set_title(name, fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.03)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def save_json(result: dict[str, Any], out: Path | None, name: str) -> None:
     """Write ``result`` to out/name when an output folder was asked for."""
     if out is not None:

@@ -46,6 +46,13 @@ def _in_range(low: float, high: float):
     return check
 
 
+def _language_list(value: str) -> str | None:
+    from .text import LANGUAGE_PACKAGES
+
+    unknown = [lang for lang in value.split(",") if lang not in LANGUAGE_PACKAGES]
+    return f"unknown languages {unknown}; known: {','.join(LANGUAGE_PACKAGES)}" if unknown or not value else None
+
+
 def _site_list(value: str) -> str | None:
     try:
         sites = [int(s) for s in value.split(",") if s.strip()]
@@ -93,6 +100,8 @@ class RunConfig:
     learning_rate_decay: float = _key(0.85, _fraction, "client step size in round r is learning-rate * decay^(r-1)")
     optimizer: str = _key("adam", _choice("adam", "sgd"), "local optimiser")
     seed: int = _key(0, _at_least(0), "seed for model init, data split and training")
+    # Workload (fedmoe.tasks)
+    task: str = _key("fmnist", _choice("fmnist", "charlm"), "fmnist: image classifier; charlm: byte-level MoE language model, one language per site")
     # Data
     data_source: str = _key("auto", _choice("auto", "debian", "hub"), "where Fashion-MNIST comes from")
     partitioning: str = _key("domain", _choice("iid", "dirichlet", "domain"), "how sites split the data")
@@ -100,10 +109,15 @@ class RunConfig:
     domains_per_site: int = _key(1, _at_least(1), "coarse domains per site for partitioning=domain")
     site_test_fraction: float = _key(0.2, _open_fraction, "share of each site's data kept as its test split")
     max_examples_per_site: int = _key(0, _at_least(0), "cap on each site's partition before its train/test split (0: no cap)")
+    languages: str = _key("en,de,it,es,ru,pl,cs,pt", _language_list, "charlm: Debian fortunes languages, site i gets the i-th (cycling)")
+    languages_per_site: int = _key(1, _at_least(1), "charlm: languages each site holds")
+    text_dir: str = _key("", None, "charlm: your own corpus instead of fortunes, one sub-folder of .txt files per site")
+    seq_len: int = _key(64, _at_least(2), "charlm: bytes per training sequence")
     # Model
     d_model: int = _key(64, _at_least(1), "token width")
     patch_size: int = _key(7, _at_least(1), "image patch side; tokens = (28 / patch-size)^2")
-    num_moe_layers: int = _key(1, _at_least(1), "MoE blocks")
+    num_moe_layers: int = _key(1, _at_least(1), "MoE blocks (charlm: transformer layers, each attention + MoE)")
+    num_heads: int = _key(4, _at_least(1), "charlm: attention heads")
     num_experts: int = _key(8, _at_least(1), "experts per MoE layer")
     top_k: int = _key(2, _at_least(1), "experts per token")
     expert_hidden: int = _key(128, _at_least(1), "hidden width of each expert MLP")
@@ -143,6 +157,10 @@ class RunConfig:
             raise ConfigError(
                 f"run config 'active-top-m': must be <= num-experts ({self.num_experts}), got {self.active_top_m}"
             )
+        if self.task == "charlm" and self.d_model % self.num_heads:
+            raise ConfigError(f"run config 'num-heads': must divide d-model ({self.d_model}), got {self.num_heads}")
+        if self.task == "charlm" and self.attack == "backdoor":
+            raise ConfigError("run config 'attack': the backdoor trigger is an image patch (task=fmnist)")
         if 28 % self.patch_size:
             raise ConfigError(f"run config 'patch-size': must divide 28, got {self.patch_size}")
         if self.strategy == "fedavg" and not self.robust_rules().plain:

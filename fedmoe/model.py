@@ -22,11 +22,9 @@ from torch import nn
 
 
 @dataclass
-class MoEConfig:
-    image_size: int = 28
-    in_channels: int = 1
-    patch_size: int = 7
-    num_classes: int = 10
+class MoEBlockConfig:
+    """What the MoE layers need; shared by the image classifier and the language model."""
+
     d_model: int = 64
     num_moe_layers: int = 1
     num_experts: int = 8
@@ -37,14 +35,26 @@ class MoEConfig:
     z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"patch-size {self.patch_size} does not divide image size {self.image_size}"
-            )
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
-                f"top-k must be in [1, num-experts={self.num_experts}], got {self.top_k}"
-            )
+            raise ValueError(f"top-k must be in [1, num-experts={self.num_experts}], got {self.top_k}")
+
+    @property
+    def total_experts(self) -> int:
+        """Experts over all MoE layers; global expert id = layer * num_experts + expert."""
+        return self.num_moe_layers * self.num_experts
+
+
+@dataclass
+class MoEConfig(MoEBlockConfig):
+    image_size: int = 28
+    in_channels: int = 1
+    patch_size: int = 7
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch-size {self.patch_size} does not divide image size {self.image_size}")
 
     @property
     def num_tokens(self) -> int:
@@ -53,11 +63,6 @@ class MoEConfig:
     @property
     def patch_dim(self) -> int:
         return self.in_channels * self.patch_size**2
-
-    @property
-    def total_experts(self) -> int:
-        """Experts over all MoE layers; global expert id = layer * num_experts + expert."""
-        return self.num_moe_layers * self.num_experts
 
 
 class ExpertBank(nn.Module):

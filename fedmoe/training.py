@@ -1,4 +1,6 @@
-"""Local training and evaluation of the MoE classifier on one site's data."""
+"""Local training and evaluation of a site's model on its data. Models return (logits, aux [N]):
+logits [N, C] with labels [N] (classifier), or [N, T, V] with targets [N, T] (language model,
+every position predicting the next byte; losses are means over positions)."""
 
 from __future__ import annotations
 
@@ -45,11 +47,19 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torc
     raise ValueError(f"optimizer must be adam or sgd, got {name!r}")
 
 
+def per_sample_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[N]: cross-entropy of each sample, averaged over its positions for sequence outputs."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, targets, reduction="none")
+    n, t, v = logits.shape
+    return F.cross_entropy(logits.reshape(n * t, v), targets.reshape(n * t), reduction="none").view(n, t).mean(dim=1)
+
+
 class MoELoss(nn.Module):
     """Cross-entropy plus the model's weighted router losses, both per sample, then reduced.
 
-    Takes the model's output ``(logits [N, C], aux [N])``. ``reduction`` is an attribute, as
-    Opacus' ghost clipping expects of a criterion (it switches it to "none" to get [N]).
+    Takes the model's output ``(logits [N, C] or [N, T, V], aux [N])``. ``reduction`` is an
+    attribute, as Opacus' ghost clipping expects of a criterion (it switches it to "none" to get [N]).
     """
 
     def __init__(self, reduction: str = "mean") -> None:
@@ -58,7 +68,7 @@ class MoELoss(nn.Module):
 
     def forward(self, output: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         logits, aux = output
-        per_sample = F.cross_entropy(logits, labels, reduction="none") + aux
+        per_sample = per_sample_cross_entropy(logits, labels) + aux
         if self.reduction == "none":
             return per_sample
         if self.reduction == "sum":
@@ -97,13 +107,14 @@ def routing_counts(model: MoEClassifier, images: torch.Tensor, batch_size: int =
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on the given examples."""
+    """(mean cross-entropy in nats, accuracy) of ``model`` on the given examples; for sequences,
+    per predicted position."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
         x, y = images[start : start + batch_size], labels[start : start + batch_size]
         logits, _ = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
-    n = max(len(labels), 1)
+        loss_sum += float(per_sample_cross_entropy(logits, y).sum()) * (y.numel() // max(len(y), 1))
+        correct += int((logits.argmax(dim=-1) == y).sum())
+    n = max(labels.numel(), 1)
     return loss_sum / n, correct / n

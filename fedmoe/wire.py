@@ -267,17 +267,31 @@ def update_norm(arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np
 
 EVAL_ACCURACY = "accuracy"
 EVAL_LOSS = "loss"
+BITS_PER_CHAR = "bits-per-char"  # charlm only
 
 
-def encode_evaluate_reply(site: int, num_examples: int, accuracy: float, loss: float) -> RecordDict:
-    return RecordDict({METRICS: MetricRecord({
+@dataclass
+class EvaluateReply:
+    site: int
+    num_examples: int
+    accuracy: float
+    loss: float
+    bits_per_char: float | None = None
+
+
+def encode_evaluate_reply(site: int, num_examples: int, accuracy: float, loss: float,
+                          bits_per_char: float | None = None) -> RecordDict:
+    metrics = MetricRecord({
         NUM_EXAMPLES: int(num_examples), SITE: int(site),
         EVAL_ACCURACY: float(accuracy), EVAL_LOSS: float(loss),
-    })})
+    })
+    if bits_per_char is not None:
+        metrics[BITS_PER_CHAR] = float(bits_per_char)
+    return RecordDict({METRICS: metrics})
 
 
-def decode_evaluate_reply(content: RecordDict) -> tuple[int, int, float, float]:
-    """(site, num-examples, accuracy, loss) of an evaluate reply; raise InvalidReply (or ModelCacheMiss)."""
+def decode_evaluate_reply(content: RecordDict) -> EvaluateReply:
+    """An evaluate reply's metrics; raise InvalidReply (or ModelCacheMiss)."""
     raise_for_status(content)
     metrics = content.metric_records.get(METRICS)
     if metrics is None or any(k not in metrics for k in (NUM_EXAMPLES, SITE, EVAL_ACCURACY, EVAL_LOSS)):
@@ -285,4 +299,7 @@ def decode_evaluate_reply(content: RecordDict) -> tuple[int, int, float, float]:
     n, acc, loss = metrics[NUM_EXAMPLES], float(metrics[EVAL_ACCURACY]), float(metrics[EVAL_LOSS])
     if not isinstance(n, int) or n <= 0 or not 0.0 <= acc <= 1.0 or not np.isfinite(loss):
         raise InvalidReply(f"evaluate metrics out of range: n={n} accuracy={acc} loss={loss}")
-    return int(metrics[SITE]), n, acc, loss
+    bits = metrics.get(BITS_PER_CHAR)
+    if bits is not None and not (np.isfinite(bits) and bits >= 0):
+        raise InvalidReply(f"'{BITS_PER_CHAR}' must be finite and >= 0, got {bits}")
+    return EvaluateReply(int(metrics[SITE]), n, acc, loss, None if bits is None else float(bits))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from logging import INFO
@@ -12,10 +13,9 @@ from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedmoe import wire
+from fedmoe import tasks, wire
 from fedmoe.config import RunConfig
-from fedmoe.data import load_global_test
-from fedmoe.model import MoEClassifier
+from fedmoe.plots import plot_utilisation, utilisation_panels
 from fedmoe.results import RunRecorder, state_sha256
 from fedmoe.training import evaluate
 
@@ -30,9 +30,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)
     torch.manual_seed(cfg.seed)
-    model = MoEClassifier(cfg.model_config())
+    model = tasks.build_model(cfg)
     full_model_bytes = wire.to_record(model.state_dict()).count_bytes()
-    test_images, test_labels = load_global_test(cfg.data_source).tensors()
+    test_inputs, test_targets = tasks.global_test(cfg)
+    # charlm: cross-entropy per byte (nats) -> bits per character of the held-out text
+    bits_per_char_per_nat = tasks.bytes_per_character(tasks.global_splits(cfg)) / math.log(2) if cfg.task == "charlm" else None
 
     extra = {"model_parameters": sum(p.numel() for p in model.parameters())}
     if cfg.resume:
@@ -78,14 +80,15 @@ def main(grid: Grid, context: Context) -> None:
 
     def central_evaluate(server_round: int, arrays) -> MetricRecord:
         model.load_state_dict(wire.to_state_dict(arrays))
-        loss, accuracy = evaluate(model, test_images, test_labels)
+        loss, accuracy = evaluate(model, test_inputs, test_targets)
         if server_round > 0:
             server_round += done
             recorder.checkpoint(server_round, model.state_dict(), {"ledgers": strategy.ledgers})
             stats = strategy.round_stats.get(server_round, RoundStats())
-            recorder.record_round(
-                {"round": server_round, "accuracy": accuracy, "loss": loss, **dataclasses.asdict(stats)}
-            )
+            row = {"round": server_round, "accuracy": accuracy, "loss": loss, **dataclasses.asdict(stats)}
+            if bits_per_char_per_nat is not None:
+                row["bits_per_char"] = loss * bits_per_char_per_nat
+            recorder.record_round(row)
             if cfg.dp:
                 recorder.write_privacy_ledger(strategy.ledgers)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
@@ -100,7 +103,22 @@ def main(grid: Grid, context: Context) -> None:
         recorder.finish("failed")
         raise
     path = recorder.finish("completed")
+    write_utilisation_heat_map(cfg, recorder)
     log(INFO, "fedmoe: final global accuracy %.4f; summary at %s", recorder.summary["final_accuracy"], path)
+    if bits_per_char_per_nat is not None:
+        log(INFO, "fedmoe: final bits per character %.4f", recorder.summary["rounds"][-1]["bits_per_char"])
+
+
+def write_utilisation_heat_map(cfg: RunConfig, recorder: RunRecorder) -> None:
+    """expert_utilisation.png in the run folder: tokens each site (language) routed to each
+    expert in the last round, one panel per MoE layer."""
+    rounds = [r for r in recorder.summary["rounds"] if r.get("site_expert_counts")]
+    if not rounds:
+        return
+    counts = rounds[-1]["site_expert_counts"]
+    panels = utilisation_panels(counts, cfg.num_experts, lambda site: tasks.site_label(cfg, int(site)))
+    plot_utilisation(panels, recorder.run_dir / "expert_utilisation.png",
+                     f"expert utilisation by {'language' if cfg.task == 'charlm' else 'site'}, round {rounds[-1]['round']}")
 
 
 def resolve_resume(results_dir: Path, resume: str) -> str:

@@ -53,6 +53,7 @@ class RoundStats:
     site_epsilon: dict[str, float] = field(default_factory=dict)
     site_accuracy: dict[str, float] = field(default_factory=dict)
     site_loss: dict[str, float] = field(default_factory=dict)
+    site_bits_per_char: dict[str, float] = field(default_factory=dict)  # charlm
     model_cache_misses: list[int] = field(default_factory=list)  # nodes that needed the whole model
     dropped_updates: list[str] = field(default_factory=list)  # site updates to units the robust rules dropped
     site_update_norm: dict[str, float] = field(default_factory=dict)  # L2 norm of each site's update
@@ -217,15 +218,17 @@ class FedAvgMoE(FedAvg):
             if not self.note_model_version(server_round, msg):
                 continue
             try:
-                site, n, acc, loss = wire.decode_evaluate_reply(msg.content)
+                r = wire.decode_evaluate_reply(msg.content)
             except wire.InvalidReply as exc:
                 log(WARNING, "round %d: dropped evaluation reply from node %d: %s", server_round, msg.metadata.src_node_id, exc)
                 continue
-            stats.site_accuracy[str(site)] = acc
-            stats.site_loss[str(site)] = loss
-            total += n
-            acc_sum += n * acc
-            loss_sum += n * loss
+            stats.site_accuracy[str(r.site)] = r.accuracy
+            stats.site_loss[str(r.site)] = r.loss
+            if r.bits_per_char is not None:
+                stats.site_bits_per_char[str(r.site)] = r.bits_per_char
+            total += r.num_examples
+            acc_sum += r.num_examples * r.accuracy
+            loss_sum += r.num_examples * r.loss
         if total == 0:
             return None
         return MetricRecord({"accuracy": acc_sum / total, "loss": loss_sum / total})

@@ -84,7 +84,8 @@ def test_reply_without_records_is_rejected(model):
 
 
 def test_evaluate_reply_round_trip():
-    assert wire.decode_evaluate_reply(wire.encode_evaluate_reply(2, 50, 0.75, 0.6)) == (2, 50, 0.75, 0.6)
+    assert wire.decode_evaluate_reply(wire.encode_evaluate_reply(2, 50, 0.75, 0.6)) == wire.EvaluateReply(2, 50, 0.75, 0.6)
+    assert wire.decode_evaluate_reply(wire.encode_evaluate_reply(2, 50, 0.75, 0.6, 2.5)).bits_per_char == 2.5
     with pytest.raises(wire.InvalidReply):
         wire.decode_evaluate_reply(wire.encode_evaluate_reply(2, 50, 1.5, 0.6))
 

@@ -1,0 +1,44 @@
+"""Figures a run writes into its folder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def plot_utilisation(panels: dict[str, dict[str, Sequence[float]]], path, title: str) -> None:
+    """Heat maps, one panel per entry: rows are sites (or languages), columns experts, each cell
+    the share of that row's routed tokens that went to the expert."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 0.45 * sum(len(p) for p in panels.values())),
+                             squeeze=False)
+    for ax, (name, rows) in zip(axes[:, 0], panels.items()):
+        labels = sorted(rows, key=lambda s: (len(s), s))
+        counts = np.array([rows[s] for s in labels], dtype=np.float64)
+        shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-12)
+        image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0.0)
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.set_xticks(range(shares.shape[1]))
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def utilisation_panels(site_counts: dict[str, Sequence[float]], num_experts: int,
+                       label_of=str) -> dict[str, dict[str, list[float]]]:
+    """One panel per MoE layer from per-site counts over global expert ids, rows named label_of(site)."""
+    layers = len(next(iter(site_counts.values()))) // num_experts
+    return {
+        f"MoE layer {layer}": {label_of(site): list(counts[layer * num_experts:(layer + 1) * num_experts])
+                               for site, counts in site_counts.items()}
+        for layer in range(layers)
+    }
