@@ -172,7 +172,8 @@ def run_app(
         raise RunFailed(f"run wrote no {summary_path}; see {log_path}")
     summary = json.loads(summary_path.read_text())
     if summary.get("status") != "completed":
-        raise RunFailed(f"run {run_name} ended with status {summary.get('status')!r}; see {log_path}")
+        why = f" ({summary['failure']})" if summary.get("failure") else ""
+        raise RunFailed(f"run {run_name} ended with status {summary.get('status')!r}{why}; see {log_path}")
     return summary
 
 

@@ -77,6 +77,22 @@ def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:.3f}"
 
 
+def rounds_without_updates(rounds: list[dict[str, Any]]) -> list[int]:
+    """Rounds whose global model did not change: no train reply was valid (all rejected, lost, or
+    from sites out of privacy budget)."""
+    return [r["round"] for r in rounds if r.get("replies", 0) == 0]
+
+
+def end_status(rounds: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """("completed", None), or ("failed", why) when the run trained nothing: no round aggregated
+    an update and no site was out of budget (a spent budget is a legitimate reason to stop)."""
+    idle = rounds_without_updates(rounds)
+    if rounds and len(idle) == len(rounds) and not any(r.get("budget_exhausted") for r in rounds):
+        return "failed", (f"no round aggregated a site update ({len(rounds)} rounds): every train reply "
+                          "was rejected or lost; see rejected_replies and lost_nodes per round")
+    return "completed", None
+
+
 class RunRecorder:
     """Collects per-round rows, prints the console table and keeps summary.json current."""
 

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from logging import INFO
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import ConfigRecord, Context, MetricRecord
@@ -16,7 +16,7 @@ from flwr.supercore import log
 from fedmoe import tasks, wire
 from fedmoe.config import RunConfig
 from fedmoe.plots import plot_utilisation, utilisation_panels
-from fedmoe.results import RunRecorder, state_sha256
+from fedmoe.results import RunRecorder, end_status, rounds_without_updates, state_sha256
 from fedmoe.training import evaluate
 
 from .strategy import ExpertMatched, FedAvgMoE, RoundStats
@@ -102,7 +102,14 @@ def main(grid: Grid, context: Context) -> None:
     except BaseException:
         recorder.finish("failed")
         raise
-    path = recorder.finish("completed")
+    rounds = recorder.summary["rounds"]
+    idle = rounds_without_updates(rounds)
+    if idle:
+        log(WARNING, "fedmoe: rounds %s aggregated no site update; the global model did not change in them", idle)
+    status, failure = end_status(rounds)
+    path = recorder.finish(status, rounds_without_updates=idle, **({"failure": failure} if failure else {}))
+    if failure:  # raised so that Flower, too, lists the run as failed
+        raise RuntimeError(f"fedmoe: run failed: {failure}")
     write_utilisation_heat_map(cfg, recorder)
     log(INFO, "fedmoe: final global accuracy %.4f; summary at %s", recorder.summary["final_accuracy"], path)
     if bits_per_char_per_nat is not None:

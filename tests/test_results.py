@@ -43,3 +43,14 @@ def test_recorder_rounds_checkpoint_latest_and_resume(tmp_path):
     path = resumed.finish("completed")
     summary = json.loads(path.read_text())
     assert summary["status"] == "completed" and summary["resumes"] == [{"config": {"k": 2}}]
+
+
+def test_a_run_that_aggregated_nothing_fails_unless_budgets_ran_out():
+    trained = {"round": 1, "replies": 3}
+    nothing = {"round": 2, "replies": 0, "budget_exhausted": {}}
+    spent = {"round": 3, "replies": 0, "budget_exhausted": {"0": 8.0, "1": 8.0}}
+    assert results.rounds_without_updates([trained, nothing, spent]) == [2, 3]
+    assert results.end_status([trained, nothing]) == ("completed", None)
+    assert results.end_status([spent]) == ("completed", None)
+    status, why = results.end_status([nothing, {**nothing, "round": 3}])
+    assert status == "failed" and "no round aggregated a site update (2 rounds)" in why
