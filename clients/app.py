@@ -153,7 +153,7 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
         active = select_active_experts(counts, cfg.num_experts, cfg.active_min_share, cfg.active_top_m)
     target = None
     if hostile and cfg.attack == "scale":
-        target = attacks.rare_expert(counts, active)
+        target = cfg.attack_expert if cfg.attack_expert >= 0 else attacks.rare_expert(counts, active)
         active = sorted({*active, target})
     freeze_inactive_experts(model, active)
     torch.manual_seed(seed)

@@ -2,10 +2,10 @@
 
     python -m experiments.attacks --preset smoke|full --out DIR [--target simulation|CONNECTION]
 
-Site 0 attacks (fedmoe.attacks): "scale" (a scaled update to the expert its data uses least,
-claimed with all its tokens), "sign-flip" (its whole update negated and scaled) or "backdoor" (a
-trigger patch relabelled to class 0 on half its images, update scaled). Each attack, and the clean
-federation, runs under each defence:
+Site 0 attacks (fedmoe.attacks): "scale" (a scaled update to a rarely used expert, claimed with
+all its tokens: the expert with the least load in the clean run's last round), "sign-flip" (its
+whole update negated and scaled) or "backdoor" (a trigger patch relabelled to class 0 on half its
+images, update scaled). Each attack, and the clean federation, runs under each defence:
   none              plain expert-matched averaging
   trimmed-mean      coordinate-wise, 20% cut at each end, per expert and for the shared tensors
   median            coordinate-wise median
@@ -17,12 +17,15 @@ with B the median update norm of the sites in the clean undefended run (calibrat
 
 Writes DIR/attacks.json and DIR/attacks.md: per (attack, defence) the final global accuracy on
 the clean test set, its drop against the clean run under the same defence, the backdoor's attack
-success rate (triggered test images of other classes labelled 0), and what the defences dropped.
+success rate (triggered test images of other classes labelled 0), the accuracy on the test images
+that route tokens to the scale attack's target expert (as the clean undefended model routes them:
+the images a poisoned specialised expert would hurt), and what the defences dropped.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -56,8 +59,8 @@ ATTACKS: dict[str, dict[str, Any]] = {
                  "attack-target-label": TARGET_LABEL},
 }
 DEFENCES = ("none", "trimmed-mean", "median", "norm-bound", "outliers", "max-update-norm")
-COLUMNS = ["attack", "defence", "final_accuracy", "accuracy_drop", "attack_success_rate", "dropped_updates",
-           "rejected_replies", "wall_seconds"]
+COLUMNS = ["attack", "defence", "final_accuracy", "accuracy_drop", "attack_success_rate", "target_expert_accuracy",
+           "target_expert_drop", "dropped_updates", "rejected_replies", "wall_seconds"]
 
 
 def defence_config(defence: str, benign_norm: float) -> dict[str, Any]:
@@ -75,20 +78,41 @@ def median_update_norm(summary: dict[str, Any]) -> float:
     return statistics.median(n for r in summary["rounds"] for n in r["site_update_norm"].values())
 
 
-def backdoor_success(run_dir: Path, config: dict[str, Any]) -> float:
-    """Attack success rate of the run's final global model (its checkpoint) on the global test set."""
+def rarest_expert(summary: dict[str, Any]) -> int:
+    """The expert with the least (nonzero) load in the run's last round: a rarely used expert."""
+    load = summary["rounds"][-1]["expert_load"]
+    return min((e for e, tokens in enumerate(load) if tokens > 0), key=lambda e: load[e])
+
+
+def final_model(run_dir: Path, config: dict[str, Any]):
+    """The run's final global model (its checkpoint)."""
     import torch
 
-    from fedmoe.attacks import attack_success_rate
     from fedmoe.config import RunConfig
-    from fedmoe.data import load_global_test
     from fedmoe.model import MoEClassifier
 
-    cfg = RunConfig.from_run_config(config)
-    model = MoEClassifier(cfg.model_config())
+    model = MoEClassifier(RunConfig.from_run_config(config).model_config())
     model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"])
-    images, labels = load_global_test(cfg.data_source).tensors()
-    return attack_success_rate(model, images, labels, TARGET_LABEL)
+    return model
+
+
+def global_test(config: dict[str, Any]):
+    from fedmoe.config import RunConfig
+    from fedmoe.data import load_global_test
+
+    return load_global_test(RunConfig.from_run_config(config).data_source).tensors()
+
+
+def run_measures(run_dir: Path, config: dict[str, Any], target_images) -> dict[str, float]:
+    """Backdoor attack success rate and accuracy on ``target_images`` (images, labels) of the run's final model."""
+    from fedmoe.attacks import attack_success_rate
+    from fedmoe.training import evaluate
+
+    model = final_model(run_dir, config)
+    images, labels = global_test(config)
+    target_accuracy = evaluate(model, *target_images)[1] if len(target_images[1]) else math.nan
+    return {"attack_success_rate": attack_success_rate(model, images, labels, TARGET_LABEL),
+            "target_expert_accuracy": target_accuracy}
 
 
 def run_attacks(preset: dict[str, Any], out: Path, target: Target = Target(),
@@ -101,36 +125,50 @@ def run_attacks(preset: dict[str, Any], out: Path, target: Target = Target(),
     report: dict[str, Any] = {"sites": preset["sites"], "attacker": ATTACKER, "config": preset["config"],
                               "target": str(target), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
     summaries: dict[tuple[str, str], dict[str, Any]] = {}
-    benign_norm = 0.0
+    measures: dict[tuple[str, str], dict[str, float]] = {}
+    benign_norm, target_expert, target_images = 0.0, -1, None
     for i, (attack, defence) in enumerate(runs):
         progress(i, len(runs), started, f"{attack} / {defence}")
-        config = {**preset["config"], **ATTACKS[attack], **defence_config(defence, benign_norm)}
+        targeted = {"attack-expert": target_expert} if attack == "scale" else {}
+        config = {**preset["config"], **ATTACKS[attack], **targeted, **defence_config(defence, benign_norm)}
         name = f"{attack}-{defence}"
         shutil.rmtree(out / "runs" / name, ignore_errors=True)
         t0 = time.time()
         summary = run_app(config, sites=preset["sites"], target=target, results_dir=out / "runs", run_name=name, quiet=True)
+        wall = time.time() - t0
         summaries[attack, defence] = summary
-        if (attack, defence) == ("clean", "none"):
-            benign_norm = median_update_norm(summary)
-            report["benign_update_norm"] = benign_norm
-        clean = summaries.get(("clean", defence))
+        if (attack, defence) == ("clean", "none"):  # calibration: the norm bound and the scale attack's target
+            from fedmoe.attacks import routed_to_expert
+
+            benign_norm, target_expert = median_update_norm(summary), rarest_expert(summary)
+            images, labels = global_test(config)
+            mask = routed_to_expert(final_model(out / "runs" / name, config), images, target_expert)
+            target_images = (images[mask], labels[mask])
+            report.update(benign_update_norm=benign_norm, scale_target_expert=target_expert,
+                          target_expert_test_images=int(mask.sum()))
+        m = measures[attack, defence] = run_measures(out / "runs" / name, config, target_images)
+        clean, clean_m = summaries.get(("clean", defence)), measures.get(("clean", defence))
         rounds = summary["rounds"]
         report["rows"].append({
             "attack": attack, "defence": defence,
             "final_accuracy": round(summary["final_accuracy"], 4),
             "accuracy_drop": round(clean["final_accuracy"] - summary["final_accuracy"], 4) if clean else "",
-            "attack_success_rate": round(backdoor_success(out / "runs" / name, config), 4)
-            if attack in ("clean", "backdoor") else "",
+            "attack_success_rate": round(m["attack_success_rate"], 4) if attack in ("clean", "backdoor") else "",
+            "target_expert_accuracy": round(m["target_expert_accuracy"], 4) if attack in ("clean", "scale") else "",
+            "target_expert_drop": round(clean_m["target_expert_accuracy"] - m["target_expert_accuracy"], 4)
+            if attack == "scale" and clean_m else "",
             "dropped_updates": sum(len(r["dropped_updates"]) for r in rounds),
             "rejected_replies": sum(len(r["rejected_replies"]) for r in rounds),
-            "wall_seconds": round(time.time() - t0, 1),
+            "wall_seconds": round(wall, 1),
         })
         (out / "attacks.json").write_text(json.dumps(report, indent=2) + "\n")
     progress(len(runs), len(runs), started, "done")
     (out / "attacks.md").write_text(
         f"Attacks by site {ATTACKER} of {preset['sites']} ({report['date']}); benign update norm "
         f"B = {benign_norm:.4g}; attack_success_rate: triggered test images of other classes labelled "
-        f"{TARGET_LABEL} (clean rows: the same measure without a backdoor)\n\n"
+        f"{TARGET_LABEL} (clean rows: the same measure without a backdoor); target_expert_accuracy: "
+        f"accuracy on the {report.get('target_expert_test_images', 0)} test images that route tokens to "
+        f"expert {target_expert}, the scale attack's target (drop: against the clean run, same defence)\n\n"
         + markdown_table(report["rows"], COLUMNS) + "\n"
     )
     return report

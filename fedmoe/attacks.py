@@ -1,15 +1,17 @@
 """Hostile sites, for measuring the defences (experiments.attacks). A site listed in the run
 config's ``attack-sites`` behaves as ``attack`` says; every other site is honest.
 
-  scale      targets the expert its own data uses least (a rarely used, specialised expert):
-             trains it too, sends global + s * (trained - global) for it and claims all of its
-             routed tokens for it, so expert-matched averaging weights it fully
+  scale      targets one expert (``attack-expert``, by default the one its own data uses least:
+             a rarely used, specialised expert): trains it too, sends global + s * (trained -
+             global) for it and claims all of its routed tokens for it, so expert-matched
+             averaging weights it fully
   sign-flip  sends global - s * (trained - global) for every tensor it trained
   backdoor   stamps a trigger (a bright square in the bottom-right corner) on a share of its
              training images and relabels them ``attack-target-label``, then sends
              global + s * (trained - global) (model replacement when s > 1)
 with s = ``attack-scale``. Attack success for the backdoor is the share of triggered test images
-of other classes that the final global model assigns the target label.
+of other classes that the final global model assigns the target label; the scale attack's
+damage shows on the test images that route tokens to the targeted expert.
 """
 
 from __future__ import annotations
@@ -88,3 +90,15 @@ def attack_success_rate(model: torch.nn.Module, images: torch.Tensor, labels: to
         logits, _ = model(triggered[start : start + 512])
         hits += int((logits.argmax(dim=1) == target).sum())
     return hits / max(int(keep.sum()), 1)
+
+
+@torch.no_grad()
+def routed_to_expert(model: torch.nn.Module, images: torch.Tensor, expert: int) -> torch.Tensor:
+    """[N] bool: images that route at least one token to global expert ``expert`` (eval routing)."""
+    model.eval()
+    masks = []
+    for start in range(0, len(images), 512):
+        model(images[start : start + 512])
+        per_sample = torch.cat([layer.last_routing.per_sample for layer in model.moe_layers], dim=1)
+        masks.append(per_sample[:, expert] > 0)
+    return torch.cat(masks)

@@ -93,6 +93,7 @@ class RunConfig:
     attack_sites: str = _key("", _site_list, "comma-separated partition ids of the attacking sites")
     attack_scale: float = _key(10.0, _positive, "factor on an attacker's update (scale, backdoor) or its negation (sign-flip)")
     attack_target_label: int = _key(0, _in_range(0, 9), "label a backdoor trigger should produce")
+    attack_expert: int = _key(-1, _at_least(-1), "global expert id the scale attack targets (-1: the attacker's least-used expert outside its active set)")
     # Local training
     local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
     batch_size: int = _key(64, _at_least(1), "expected local batch size")
@@ -159,6 +160,9 @@ class RunConfig:
             )
         if self.task == "charlm" and self.d_model % self.num_heads:
             raise ConfigError(f"run config 'num-heads': must divide d-model ({self.d_model}), got {self.num_heads}")
+        if self.attack_expert >= self.num_moe_layers * self.num_experts:
+            raise ConfigError(f"run config 'attack-expert': must be < num-moe-layers x num-experts "
+                              f"({self.num_moe_layers * self.num_experts}), got {self.attack_expert}")
         if self.task == "charlm" and self.attack == "backdoor":
             raise ConfigError("run config 'attack': the backdoor trigger is an image patch (task=fmnist)")
         if 28 % self.patch_size:

@@ -1,5 +1,7 @@
 """The hostile-site behaviours the attack experiments use (fedmoe.attacks), on small cases."""
 
+import json
+
 import numpy as np
 import torch
 
@@ -38,3 +40,34 @@ def test_attack_success_rate_counts_triggered_images_of_other_classes():
 
     images, labels = torch.zeros(8, 1, 28, 28), torch.tensor([0, 0, 1, 1, 1, 1, 1, 1])
     assert attacks.attack_success_rate(Trigger(), images, labels, target=0) == 1.0
+
+
+def test_routed_to_expert_marks_the_images_whose_tokens_reach_the_expert():
+    from fedmoe.model import MoEClassifier, MoEConfig
+
+    torch.manual_seed(0)
+    model = MoEClassifier(MoEConfig(d_model=8, expert_hidden=8, num_experts=4, top_k=1))
+    images = torch.randn(20, 1, 28, 28)
+    masks = [attacks.routed_to_expert(model, images, e) for e in range(4)]
+    model(images)
+    per_sample = model.moe_layers[0].last_routing.per_sample
+    for e, mask in enumerate(masks):
+        assert torch.equal(mask, per_sample[:, e] > 0)
+    assert torch.stack(masks).any(dim=0).all()  # with top-1 every image reaches some expert
+
+
+def test_attack_driver_targets_the_rarest_expert_and_measures_it(tmp_path):
+    """A tiny real run of experiments.attacks: the clean calibration run and the scale attack."""
+    from experiments.attacks import run_attacks
+
+    preset = {"sites": 3, "config": {"num-server-rounds": 1, "max-examples-per-site": 200, "d-model": 16,
+                                     "expert-hidden": 16, "dp": False, "seed": 0}}
+    report = run_attacks(preset, tmp_path, attacks=("scale",), defences=("none",))
+    clean, scale = report["rows"]
+    assert (clean["attack"], scale["attack"]) == ("clean", "scale")
+    summary = json.loads((tmp_path / "runs" / "scale-none" / "summary.json").read_text())
+    target = report["scale_target_expert"]
+    assert summary["config"]["attack-expert"] == target and target in summary["rounds"][0]["active_experts"]["0"]
+    assert report["target_expert_test_images"] > 0
+    assert 0 <= scale["target_expert_accuracy"] <= 1 and isinstance(scale["target_expert_drop"], float)
+    assert (tmp_path / "attacks.md").read_text().count("| scale | none |") == 1
