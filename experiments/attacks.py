@@ -42,10 +42,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "config": {"num-server-rounds": 3, "max-examples-per-site": 1000, "partitioning": "domain",
                    "dp": False, "seed": 0},
     },
-    # 25 runs of about 2 minutes each on 2 cores
     "full": {
         "sites": 10,
-        "config": {"num-server-rounds": 5, "max-examples-per-site": 1500, "partitioning": "domain",
+        "config": {"num-server-rounds": 8, "max-examples-per-site": 4000, "partitioning": "domain",
                    "dp": False, "seed": 0},
     },
 }
