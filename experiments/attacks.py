@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .launch import Target, exit_on_sigterm, run_app
-from .reporting import driver_parser, markdown_table, progress
+from .reporting import chosen_preset, driver_parser, markdown_table, progress
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     parser = driver_parser(__doc__, PRESETS)
     args = parser.parse_args(argv)
-    report = run_attacks(PRESETS[args.preset], args.out, Target(args.target))
+    report = run_attacks(chosen_preset(PRESETS, args), args.out, Target(args.target))
     print(markdown_table(report["rows"], COLUMNS))
     print(f"\nwrote {args.out / 'attacks.json'} and {args.out / 'attacks.md'}")
     return 0

@@ -40,7 +40,7 @@ import numpy as np
 from .launch import Target, exit_on_sigterm, run_app
 from fedmoe.plots import plot_utilisation, utilisation_panels
 
-from .reporting import driver_parser, markdown_table, progress, save_axes
+from .reporting import chosen_preset, driver_parser, markdown_table, progress, save_axes
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="", help="comma-separated subset of: " + ", ".join(METHODS)
                         + " (default: the preset's, else all)")
     args = parser.parse_args(argv)
-    preset = PRESETS[args.preset]
+    preset = chosen_preset(PRESETS, args)
     methods = tuple(args.methods.split(",")) if args.methods else preset.get("methods", METHODS)
     report = run_benchmark(preset, args.out, Target(args.target), methods)
     print(markdown_report(report))

@@ -25,8 +25,9 @@ from pathlib import Path
 from fedmoe.deployment import Service, Tls, topology
 
 from .launch import (
-    BIN, ROOT, Target, exit_on_sigterm, flower_env, free_port, parse_scalar, run_app, wait_healthy, write_connection,
+    BIN, ROOT, Target, exit_on_sigterm, flower_env, free_port, run_app, wait_healthy, write_connection,
 )
+from .reporting import add_run_config_argument, parse_overrides
 
 CONNECTION = "fedmoe-deploy"
 
@@ -152,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=ROOT / "results" / "deploy")
-    parser.add_argument("-c", "--run-config", action="append", default=[])
+    add_run_config_argument(parser)
     args = parser.parse_args(argv)
-    overrides = {k: parse_scalar(v) for item in args.run_config for k, _, v in (p.partition("=") for p in shlex.split(item))}
+    overrides = parse_overrides(args.run_config)
     started = time.time()
     with LocalDeployment(args.sites, args.workdir) as deployment:
         summary = deployment.run(overrides, run_name=time.strftime("%Y%m%d-%H%M%S"))

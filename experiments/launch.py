@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .reporting import add_run_config_argument, parse_overrides
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SIMULATION = "simulation"
@@ -189,13 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=3, help="simulated sites (SuperNodes)")
     parser.add_argument("--target", default=SIMULATION, help="'simulation' or a SuperLink connection name")
     parser.add_argument("--results-dir", default=str(ROOT / "results"))
-    parser.add_argument("-c", "--run-config", action="append", default=[], help='"key=value ..." overrides')
+    add_run_config_argument(parser)
     args = parser.parse_args(argv)
-    overrides: dict[str, Any] = {}
-    for item in args.run_config:
-        for pair in shlex.split(item):
-            key, _, value = pair.partition("=")
-            overrides[key] = parse_scalar(value)
+    overrides = parse_overrides(args.run_config)
     started = time.time()
     summary = run_app(overrides, sites=args.sites, target=Target(args.target), results_dir=args.results_dir)
     rounds = summary["rounds"]
@@ -219,16 +217,6 @@ def privacy_line(summary: dict[str, Any]) -> str:
     spent = f"{eps[-1]:.3f}" if eps else "n/a"
     return (f"differential privacy: ON, DP-SGD per site; largest epsilon spent {spent} "
             f"(target {config['target-epsilon']}, delta {config['target-delta']}), ledgers in privacy_ledger.json")
-
-
-def parse_scalar(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        with contextlib.suppress(ValueError):
-            return kind(text)
-    return text.strip("'\"")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .launch import Target, exit_on_sigterm, run_app
-from .reporting import driver_parser, markdown_table, progress, save_axes
+from .reporting import chosen_preset, driver_parser, markdown_table, progress, save_axes
 
 PRESETS = {
     "smoke": {
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     parser = driver_parser(__doc__, PRESETS)
     args = parser.parse_args(argv)
-    rows = run_sweep(PRESETS[args.preset], args.out, Target(args.target))
+    rows = run_sweep(chosen_preset(PRESETS, args), args.out, Target(args.target))
     print(markdown_table(rows, COLUMNS[:-1]))
     print(f"\nwrote {args.out / 'sweep.csv'}, {args.out / 'sweep.png'}, {args.out / 'sweep.md'}")
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -21,13 +23,41 @@ def progress(done: int, total: int, started: float, label: str, width: int = 30)
 
 
 def driver_parser(description: str, presets: Sequence[str]) -> argparse.ArgumentParser:
-    """The arguments every experiment driver takes: --preset, --out, --target."""
+    """The arguments every experiment driver takes: --preset, --out, --target, -c."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(presets), default="smoke")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--target", default="simulation",
                         help="'simulation' or a SuperLink connection name in $FLWR_HOME (a deployment)")
+    add_run_config_argument(parser, "run-config overrides on top of the preset's")
     return parser
+
+
+def add_run_config_argument(parser: argparse.ArgumentParser, help: str = '"key=value ..." overrides') -> None:
+    parser.add_argument("-c", "--run-config", action="append", default=[], metavar='"key=value ..."', help=help)
+
+
+def chosen_preset(presets: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """The preset --preset names, its run config updated by the -c overrides."""
+    preset = presets[args.preset]
+    return {**preset, "config": {**preset["config"], **parse_overrides(args.run_config)}}
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """-c arguments ("key=value key2=value2", as ``flwr run -c`` takes them) -> {key: value}."""
+    pairs = (pair.partition("=") for item in items for pair in shlex.split(item))
+    return {key: parse_scalar(value) for key, _, value in pairs}
+
+
+def parse_scalar(text: str) -> Any:
+    """A run-config value as ``flwr run -c`` parses it (TOML scalars: bool, int, float, string)."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    return text.strip("'\"")
 
 
 def save_axes(fig, ax, path, xlabel: str, ylabel: str, title: str | None = None, legend_size: int = 7) -> None:

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from .launch import exit_on_sigterm, parse_scalar, run_app
-from .reporting import save_json
+from .launch import exit_on_sigterm, run_app
+from .reporting import add_run_config_argument, parse_overrides, save_json
 
 
 def tree_rss(root: int) -> int:
@@ -76,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("-c", "--run-config", action="append", default=[])
+    add_run_config_argument(parser)
     args = parser.parse_args(argv)
     overrides = {"num-server-rounds": args.rounds, "partitioning": "iid", "dp": False}
-    overrides |= {k: parse_scalar(v) for item in args.run_config for k, _, v in (p.partition("=") for p in shlex.split(item))}
+    overrides |= parse_overrides(args.run_config)
     started = time.time()
     with PeakMemory() as memory:
         summary = run_app(overrides, sites=args.sites, results_dir=Path(tempfile.mkdtemp(prefix="fedmoe-scale-")),

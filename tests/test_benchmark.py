@@ -48,3 +48,16 @@ def test_unknown_method_fails_before_running(tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
         run_benchmark(TINY_BENCHMARK, tmp_path, methods=("expert_matched", "fedprox"))
     assert not (tmp_path / "results.json").exists()
+
+
+def test_drivers_take_run_config_overrides_on_top_of_the_preset():
+    from experiments.benchmark import PRESETS
+    from experiments.reporting import chosen_preset, driver_parser
+
+    args = driver_parser("", PRESETS).parse_args(
+        ["--preset", "full", "--out", "x", "-c", "max-examples-per-site=2000 dp=false", "-c", "task='fmnist' top-k=1.5"])
+    preset = chosen_preset(PRESETS, args)
+    assert preset["config"]["max-examples-per-site"] == 2000 and preset["config"]["dp"] is False
+    assert preset["config"]["task"] == "fmnist" and preset["config"]["top-k"] == 1.5
+    assert preset["config"]["num-experts"] == 32 and preset["sites"] == 10
+    assert "max-examples-per-site" not in PRESETS["full"]["config"]  # the preset itself is unchanged
