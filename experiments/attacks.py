@@ -17,9 +17,10 @@ with B the median update norm of the sites in the clean undefended run (calibrat
 
 Writes DIR/attacks.json and DIR/attacks.md: per (attack, defence) the final global accuracy on
 the clean test set, its drop against the clean run under the same defence, the backdoor's attack
-success rate (triggered test images of other classes labelled 0), the accuracy on the test images
-that route tokens to the scale attack's target expert (as the clean undefended model routes them:
-the images a poisoned specialised expert would hurt), and what the defences dropped.
+success rate (triggered test images of other classes labelled 0), the accuracy on the 10% of test
+images that rely most on the scale attack's target expert (largest share of their token slots
+routed to it by the clean undefended model: the images a poisoned expert would hurt most), and
+what the defences dropped.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 ATTACKER = "0"
+TARGET_SHARE = 0.1  # the scale attack is measured on the 10% of test images relying most on its target
 TARGET_LABEL = 0
 ATTACKS: dict[str, dict[str, Any]] = {
     "clean": {},
@@ -137,14 +139,15 @@ def run_attacks(preset: dict[str, Any], out: Path, target: Target = Target(),
         wall = time.time() - t0
         summaries[attack, defence] = summary
         if (attack, defence) == ("clean", "none"):  # calibration: the norm bound and the scale attack's target
-            from fedmoe.attacks import routed_to_expert
+            from fedmoe.attacks import expert_share
 
             benign_norm, target_expert = median_update_norm(summary), rarest_expert(summary)
             images, labels = global_test(config)
-            mask = routed_to_expert(final_model(out / "runs" / name, config), images, target_expert)
-            target_images = (images[mask], labels[mask])
+            share = expert_share(final_model(out / "runs" / name, config), images, target_expert)
+            reliant = share.topk(int(TARGET_SHARE * len(share))).indices
+            target_images = (images[reliant], labels[reliant])
             report.update(benign_update_norm=benign_norm, scale_target_expert=target_expert,
-                          target_expert_test_images=int(mask.sum()))
+                          target_expert_test_images=len(reliant), target_expert_min_share=float(share[reliant].min()))
         m = measures[attack, defence] = run_measures(out / "runs" / name, config, target_images)
         clean, clean_m = summaries.get(("clean", defence)), measures.get(("clean", defence))
         rounds = summary["rounds"]
@@ -166,8 +169,9 @@ def run_attacks(preset: dict[str, Any], out: Path, target: Target = Target(),
         f"Attacks by site {ATTACKER} of {preset['sites']} ({report['date']}); benign update norm "
         f"B = {benign_norm:.4g}; attack_success_rate: triggered test images of other classes labelled "
         f"{TARGET_LABEL} (clean rows: the same measure without a backdoor); target_expert_accuracy: "
-        f"accuracy on the {report.get('target_expert_test_images', 0)} test images that route tokens to "
-        f"expert {target_expert}, the scale attack's target (drop: against the clean run, same defence)\n\n"
+        f"accuracy on the {report.get('target_expert_test_images', 0)} test images relying most on expert "
+        f"{target_expert}, the scale attack's target (at least {report.get('target_expert_min_share', 0):.0%} of "
+        f"their token slots; drop: against the clean run, same defence)\n\n"
         + markdown_table(report["rows"], COLUMNS) + "\n"
     )
     return report

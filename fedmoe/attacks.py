@@ -11,7 +11,8 @@ config's ``attack-sites`` behaves as ``attack`` says; every other site is honest
              global + s * (trained - global) (model replacement when s > 1)
 with s = ``attack-scale``. Attack success for the backdoor is the share of triggered test images
 of other classes that the final global model assigns the target label; the scale attack's
-damage shows on the test images that route tokens to the targeted expert.
+damage shows on the test images that rely most on the targeted expert (largest share of
+their token slots routed to it).
 """
 
 from __future__ import annotations
@@ -93,12 +94,12 @@ def attack_success_rate(model: torch.nn.Module, images: torch.Tensor, labels: to
 
 
 @torch.no_grad()
-def routed_to_expert(model: torch.nn.Module, images: torch.Tensor, expert: int) -> torch.Tensor:
-    """[N] bool: images that route at least one token to global expert ``expert`` (eval routing)."""
+def expert_share(model: torch.nn.Module, images: torch.Tensor, expert: int) -> torch.Tensor:
+    """[N]: share of each image's token slots routed to global expert ``expert`` (eval routing)."""
     model.eval()
-    masks = []
+    shares = []
     for start in range(0, len(images), 512):
         model(images[start : start + 512])
         per_sample = torch.cat([layer.last_routing.per_sample for layer in model.moe_layers], dim=1)
-        masks.append(per_sample[:, expert] > 0)
-    return torch.cat(masks)
+        shares.append(per_sample[:, expert] / per_sample.sum(dim=1) * len(model.moe_layers))
+    return torch.cat(shares)
