@@ -207,19 +207,25 @@ def run_benchmark(preset: dict[str, Any], out: Path, target: Target = Target(),
     progress(len(methods), len(methods), started, "done")
     (out / "results.md").write_text(markdown_report(report))
     plot_curves(report["methods"], out)
+    plot_site_utilisation(report["methods"], config, out / "expert_utilisation.png")
+    return report
+
+
+def plot_site_utilisation(results: dict[str, dict[str, Any]], config: dict[str, Any], path: Path) -> None:
+    """Expert-by-site heat map of each federated MoE method's last round, one panel per MoE layer."""
     from fedmoe import tasks
     from fedmoe.config import RunConfig
 
     cfg = RunConfig.from_run_config(config)
     panels = {}
-    for method, r in report["methods"].items():
-        if r.get("site_expert_counts"):
-            experts = len(next(iter(r["site_expert_counts"].values()))) // cfg.num_moe_layers
-            layers = utilisation_panels(r["site_expert_counts"], experts, lambda s: tasks.site_label(cfg, int(s)))
+    for method, r in results.items():
+        counts = r.get("site_expert_counts")
+        experts = len(next(iter(counts.values()))) // cfg.num_moe_layers if counts else 0
+        if experts > 1:  # fedavg_dense has one expert: nothing to see
+            layers = utilisation_panels(counts, experts, lambda s: tasks.site_label(cfg, int(s)))
             panels.update({f"{method}, {layer}": rows for layer, rows in layers.items()})
     if panels:
-        plot_utilisation(panels, out / "expert_utilisation.png", "tokens routed to each expert, share per site (last round)")
-    return report
+        plot_utilisation(panels, path, "tokens routed to each expert, share per site (last round)")
 
 
 def machine() -> str:

@@ -14,8 +14,8 @@ def plot_utilisation(panels: dict[str, dict[str, Sequence[float]]], path, title:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 0.45 * sum(len(p) for p in panels.values())),
-                             squeeze=False)
+    height = 1.2 + 0.45 * sum(len(p) for p in panels.values()) + 0.6 * len(panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, height), squeeze=False)
     for ax, (name, rows) in zip(axes[:, 0], panels.items()):
         labels = sorted(rows, key=lambda s: (len(s), s))
         counts = np.array([rows[s] for s in labels], dtype=np.float64)
@@ -24,11 +24,12 @@ def plot_utilisation(panels: dict[str, dict[str, Sequence[float]]], path, title:
         ax.set_yticks(range(len(labels)))
         ax.set_yticklabels(labels, fontsize=7)
         ax.set_xticks(range(shares.shape[1]))
+        ax.tick_params(axis="x", labelsize=7 if shares.shape[1] <= 16 else 5)
         ax.set_xlabel("expert", fontsize=8)
         ax.set_title(name, fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.03)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))  # keep the title clear of the first panel
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

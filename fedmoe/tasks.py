@@ -47,9 +47,14 @@ def site_corpora(cfg: RunConfig, site: int) -> list[tuple[str, str]]:
 
 
 def site_label(cfg: RunConfig, site: int) -> str:
-    """What distinguishes the site's data: its languages (charlm) or its partition id."""
+    """What distinguishes the site's data: its languages (charlm), else its partition id, with its
+    domain when each site holds one (the domain split gives site i domain i mod 3)."""
     if cfg.task == "charlm":
         return "+".join(label for label, _ in site_corpora(cfg, site))
+    if cfg.partitioning == "domain" and cfg.domains_per_site == 1:
+        from .data import DOMAINS
+
+        return f"{site} {list(DOMAINS)[site % len(DOMAINS)]}"
     return str(site)
 
 
