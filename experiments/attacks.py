@@ -12,8 +12,11 @@ images, update scaled). Each attack, and the clean federation, runs under each d
   norm-bound        each site's update to each expert (and to the shared tensors) clipped to B
   outliers          updates dropped by the norm (modified z-score > 3.5) and direction
                     (cosine to the median update < 0) tests, at least 3 contributors
-  max-update-norm   whole replies whose update norm exceeds 2 B rejected
-with B the median update norm of the sites in the clean undefended run (calibrated first).
+  max-update-norm   whole replies whose update norm exceeds 1.5 M rejected
+with B the median and M the largest update norm of the sites in the clean undefended run
+(calibrated first). Update norms shrink over the rounds (the learning rate decays), so a bound
+at a multiple of the median rejects honest first-round replies; 1.5 M rejects none of the clean
+run's.
 
 Writes DIR/attacks.json and DIR/attacks.md: per (attack, defence) the final global accuracy on
 the clean test set, its drop against the clean run under the same defence, the backdoor's attack
@@ -64,19 +67,23 @@ COLUMNS = ["attack", "defence", "final_accuracy", "accuracy_drop", "attack_succe
            "target_expert_drop", "dropped_updates", "rejected_replies", "wall_seconds"]
 
 
-def defence_config(defence: str, benign_norm: float) -> dict[str, Any]:
+def defence_config(defence: str, benign_norms: tuple[float, float]) -> dict[str, Any]:
+    """Run config of a defence, with (median, largest) update norm of the clean run."""
+    median, largest = benign_norms
     return {
         "none": {},
         "trimmed-mean": {"aggregation": "trimmed-mean", "trim-fraction": 0.2},
         "median": {"aggregation": "median"},
-        "norm-bound": {"update-norm-bound": benign_norm},
+        "norm-bound": {"update-norm-bound": median},
         "outliers": {"outlier-mad": 3.5, "outlier-min-cosine": 0.0, "outlier-min-contributors": 3},
-        "max-update-norm": {"max-update-norm": 2.0 * benign_norm},
+        "max-update-norm": {"max-update-norm": 1.5 * largest},
     }[defence]
 
 
-def median_update_norm(summary: dict[str, Any]) -> float:
-    return statistics.median(n for r in summary["rounds"] for n in r["site_update_norm"].values())
+def update_norms(summary: dict[str, Any]) -> tuple[float, float]:
+    """(median, largest) L2 norm of the sites' updates over every round of a run."""
+    norms = [n for r in summary["rounds"] for n in r["site_update_norm"].values()]
+    return statistics.median(norms), max(norms)
 
 
 def rarest_expert(summary: dict[str, Any]) -> int:
@@ -127,11 +134,11 @@ def run_attacks(preset: dict[str, Any], out: Path, target: Target = Target(),
                               "target": str(target), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
     summaries: dict[tuple[str, str], dict[str, Any]] = {}
     measures: dict[tuple[str, str], dict[str, float]] = {}
-    benign_norm, target_expert, target_images = 0.0, -1, None
+    benign_norms, target_expert, target_images = (0.0, 0.0), -1, None
     for i, (attack, defence) in enumerate(runs):
         progress(i, len(runs), started, f"{attack} / {defence}")
         targeted = {"attack-expert": target_expert} if attack == "scale" else {}
-        config = {**preset["config"], **ATTACKS[attack], **targeted, **defence_config(defence, benign_norm)}
+        config = {**preset["config"], **ATTACKS[attack], **targeted, **defence_config(defence, benign_norms)}
         name = f"{attack}-{defence}"
         shutil.rmtree(out / "runs" / name, ignore_errors=True)
         t0 = time.time()
@@ -141,12 +148,13 @@ def run_attacks(preset: dict[str, Any], out: Path, target: Target = Target(),
         if (attack, defence) == ("clean", "none"):  # calibration: the norm bound and the scale attack's target
             from fedmoe.attacks import expert_share
 
-            benign_norm, target_expert = median_update_norm(summary), rarest_expert(summary)
+            benign_norms, target_expert = update_norms(summary), rarest_expert(summary)
             images, labels = global_test(config)
             share = expert_share(final_model(out / "runs" / name, config), images, target_expert)
             reliant = share.topk(int(TARGET_SHARE * len(share))).indices
             target_images = (images[reliant], labels[reliant])
-            report.update(benign_update_norm=benign_norm, scale_target_expert=target_expert,
+            report.update(benign_update_norm_median=benign_norms[0], benign_update_norm_max=benign_norms[1],
+                          scale_target_expert=target_expert,
                           target_expert_test_images=len(reliant), target_expert_min_share=float(share[reliant].min()))
         m = measures[attack, defence] = run_measures(out / "runs" / name, config, target_images)
         clean, clean_m = summaries.get(("clean", defence)), measures.get(("clean", defence))
@@ -167,7 +175,7 @@ def run_attacks(preset: dict[str, Any], out: Path, target: Target = Target(),
     progress(len(runs), len(runs), started, "done")
     (out / "attacks.md").write_text(
         f"Attacks by site {ATTACKER} of {preset['sites']} ({report['date']}); benign update norm "
-        f"B = {benign_norm:.4g}; attack_success_rate: triggered test images of other classes labelled "
+        f"median B = {benign_norms[0]:.4g}, largest M = {benign_norms[1]:.4g}; attack_success_rate: triggered test images of other classes labelled "
         f"{TARGET_LABEL} (clean rows: the same measure without a backdoor); target_expert_accuracy: "
         f"accuracy on the {report.get('target_expert_test_images', 0)} test images relying most on expert "
         f"{target_expert}, the scale attack's target (at least {report.get('target_expert_min_share', 0):.0%} of "
