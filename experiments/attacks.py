@@ -111,13 +111,14 @@ def global_test(config: dict[str, Any]):
     return load_global_test(RunConfig.from_run_config(config).data_source).tensors()
 
 
-def run_measures(run_dir: Path, config: dict[str, Any], target_images) -> dict[str, float]:
-    """Backdoor attack success rate and accuracy on ``target_images`` (images, labels) of the run's final model."""
+def run_measures(run_dir: Path, config: dict[str, Any], test, target_images) -> dict[str, float]:
+    """The run's final model: backdoor attack success rate on ``test`` and accuracy on
+    ``target_images`` (both (images, labels))."""
     from fedmoe.attacks import attack_success_rate
     from fedmoe.training import evaluate
 
     model = final_model(run_dir, config)
-    images, labels = global_test(config)
+    images, labels = test
     target_accuracy = evaluate(model, *target_images)[1] if len(target_images[1]) else math.nan
     return {"attack_success_rate": attack_success_rate(model, images, labels, TARGET_LABEL),
             "target_expert_accuracy": target_accuracy}
@@ -135,6 +136,7 @@ def run_attacks(preset: dict[str, Any], out: Path, target: Target = Target(),
     summaries: dict[tuple[str, str], dict[str, Any]] = {}
     measures: dict[tuple[str, str], dict[str, float]] = {}
     benign_norms, target_expert, target_images = (0.0, 0.0), -1, None
+    test = global_test(preset["config"])
     for i, (attack, defence) in enumerate(runs):
         progress(i, len(runs), started, f"{attack} / {defence}")
         targeted = {"attack-expert": target_expert} if attack == "scale" else {}
@@ -149,14 +151,13 @@ def run_attacks(preset: dict[str, Any], out: Path, target: Target = Target(),
             from fedmoe.attacks import expert_share
 
             benign_norms, target_expert = update_norms(summary), rarest_expert(summary)
-            images, labels = global_test(config)
-            share = expert_share(final_model(out / "runs" / name, config), images, target_expert)
+            share = expert_share(final_model(out / "runs" / name, config), test[0], target_expert)
             reliant = share.topk(int(TARGET_SHARE * len(share))).indices
-            target_images = (images[reliant], labels[reliant])
+            target_images = (test[0][reliant], test[1][reliant])
             report.update(benign_update_norm_median=benign_norms[0], benign_update_norm_max=benign_norms[1],
                           scale_target_expert=target_expert,
                           target_expert_test_images=len(reliant), target_expert_min_share=float(share[reliant].min()))
-        m = measures[attack, defence] = run_measures(out / "runs" / name, config, target_images)
+        m = measures[attack, defence] = run_measures(out / "runs" / name, config, test, target_images)
         clean, clean_m = summaries.get(("clean", defence)), measures.get(("clean", defence))
         rounds = summary["rounds"]
         report["rows"].append({
