@@ -5,6 +5,9 @@ active set is chosen, training is DP-SGD (Opacus), and both are charged to the s
 ledger, kept in Context.state and on node-local disk (``<state-dir>/<run name>/`` with the
 node-config key ``state-dir``; default ``<run folder>/sites/site-<partition-id>/``) so a restarted
 site continues its budget. A run resumed from a checkpoint keeps its run name, so its ledger.
+Everything DP relies on is drawn from a generator seeded inside the site from OS entropy
+(fedmoe.privacy.dp_generator), and every reply is checked against the release classes of
+fedmoe.wire before it leaves. Attacking sites (fedmoe.attacks) wrap this round: clients.hostile.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-
 from flwr.clientapp import ClientApp
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from fedmoe import attacks, downlink, tasks, wire
 from fedmoe.config import RunConfig
@@ -27,6 +30,7 @@ from fedmoe.training import (
     freeze_inactive_experts,
     make_loader,
     make_optimizer,
+    round_seed,
     routing_counts,
     train_epochs,
     trained_state,
@@ -44,7 +48,8 @@ MODEL_CACHE_VERSION = "model-cache-version"
 def answer(msg: Message, context: Context, handler) -> Message:
     """Reply with ``handler(msg, context, cfg, site, model, site tensors)`` run on the message's
     model. Every reply says which model version the site now holds; a sparse downlink message the
-    site cannot complete is answered with model-cache-miss instead."""
+    site cannot complete is answered with model-cache-miss instead. Nothing leaves that the
+    release classes of fedmoe.wire do not allow."""
     cfg = RunConfig.from_run_config(context.run_config)
     site = int(context.node_config["partition-id"])
     model = tasks.build_model(cfg)
@@ -53,8 +58,12 @@ def answer(msg: Message, context: Context, handler) -> Message:
     except downlink.CacheMiss as miss:
         return Message(wire.encode_model_cache_miss(site, miss.held), reply_to=msg)
     data = tasks.site_data(cfg, site, int(context.node_config["num-partitions"]))
-    content = handler(msg, context, cfg, site, model, data)
-    return Message(wire.stamp_model_version(content, version), reply_to=msg)
+    content = wire.stamp_model_version(handler(msg, context, cfg, site, model, data), version)
+    opted_in = frozenset({"dp-site-evaluation"} if cfg.dp_site_evaluation else ())
+    problems = wire.release_violations(content, cfg.dp, opted_in)
+    if problems:
+        raise RuntimeError(f"site {site}: reply withheld: " + "; ".join(problems))
+    return Message(content, reply_to=msg)
 
 
 def receive_model(msg: Message, context: Context, model: nn.Module) -> int:
@@ -99,7 +108,7 @@ def load_ledger(cfg: RunConfig, context: Context, path: Path, site: int, num_exa
     )
     return privacy.PrivacyLedger(
         site=site, target_epsilon=cfg.target_epsilon, delta=cfg.target_delta, noise_multiplier=sigma,
-        count_noise_multiplier=cfg.count_noise_multiplier, sample_rate=1.0 / steps,
+        count_noise_multiplier=cfg.count_noise_multiplier, sample_rate=1.0 / steps, num_examples=num_examples,
     )
 
 
@@ -110,6 +119,11 @@ def save_ledger(ledger: privacy.PrivacyLedger, context: Context, path: Path) -> 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.from_run_config(context.run_config)
+    if attacks.is_attacker(cfg.attack, cfg.attack_sites, int(context.node_config["partition-id"])):
+        from clients.hostile import hostile_train_site
+
+        return answer(msg, context, hostile_train_site)
     return answer(msg, context, train_site)
 
 
@@ -119,60 +133,51 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model: nn.Module, data) -> RecordDict:
-    images, labels, _, _ = data
+    """One honest round: route the local data, (under DP) release the routing counts through the
+    Gaussian mechanism, choose the active experts, train the shared tensors and those experts
+    (DP-SGD under DP), send them with the counts."""
+    inputs, targets, _, _ = data
+    server_round = int(msg.content[wire.CONFIG]["server-round"])
+    seed = round_seed(cfg.seed, site, server_round)
+    counts = routing_counts(model, inputs)
+
+    ledger = None
     if cfg.dp:
         # imported here: Opacus takes seconds to import, and in a deployment every task is a new
         # process; evaluate tasks and dp=false runs do without it
         from fedmoe import privacy
-    server_round = int(msg.content[wire.CONFIG]["server-round"])
-    seed = cfg.seed * 1_000_003 + site * 10_007 + server_round
-    generator = torch.Generator().manual_seed(seed)
-    hostile = attacks.is_attacker(cfg.attack, cfg.attack_sites, site)
-    if hostile:
-        received = {k: v.clone() for k, v in model.state_dict().items()}
-        if cfg.attack == "backdoor":
-            images, labels = attacks.poison_data(images, labels, cfg.attack_target_label, generator)
-    counts = routing_counts(model, images)
 
-    ledger = None
-    if cfg.dp:
+        randomness = privacy.dp_generator(seed if cfg.dp_reproducible_noise else None)
         path = ledger_path(msg, context, site)
-        ledger = load_ledger(cfg, context, path, site, len(labels))
-        steps = cfg.local_epochs * privacy.steps_per_epoch(len(labels), cfg.batch_size)
-        this_round = [(cfg.count_noise_multiplier, 1.0, 1), (ledger.noise_multiplier, ledger.sample_rate, steps)]
-        projected = ledger.epsilon(this_round)
+        ledger = load_ledger(cfg, context, path, site, len(targets))
+        ledger.reproducible_noise |= cfg.dp_reproducible_noise
+        count_release = (cfg.count_noise_multiplier, 1.0, 1)
+        training = (ledger.noise_multiplier, ledger.sample_rate,
+                    cfg.local_epochs * privacy.steps_per_epoch(len(targets), cfg.batch_size))
+        projected = ledger.epsilon([count_release, training])
         if projected > cfg.target_epsilon:
             return wire.encode_budget_exhausted(site, ledger.epsilon(), projected)
         sensitivity = privacy.count_sensitivity(model.config.num_tokens, cfg.top_k, cfg.num_moe_layers)
-        counts = privacy.release_counts(counts, cfg.count_noise_multiplier, sensitivity, generator)
-        ledger.charge(this_round[:1])
+        counts = privacy.release_counts(counts, cfg.count_noise_multiplier, sensitivity, randomness)
+        ledger.charge([count_release])
 
-    if cfg.strategy == "fedavg":
-        active = list(range(len(counts)))
-    else:
-        active = select_active_experts(counts, cfg.num_experts, cfg.active_min_share, cfg.active_top_m)
-    target = None
-    if hostile and cfg.attack == "scale":
-        target = cfg.attack_expert if cfg.attack_expert >= 0 else attacks.rare_expert(counts, active)
-        active = sorted({*active, target})
+    active = list(range(len(counts))) if cfg.strategy == "fedavg" else select_active_experts(
+        counts, cfg.num_experts, cfg.active_min_share, cfg.active_top_m)
     freeze_inactive_experts(model, active)
     torch.manual_seed(seed)
-    loader = make_loader(images, labels, cfg.batch_size, seed)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(server_round))
     if ledger is None:
+        loader = make_loader(inputs, targets, cfg.batch_size, torch.Generator().manual_seed(seed))
         loss = train_epochs(model, loader, optimizer, cfg.local_epochs)
     else:
-        loss = privacy.train_private(
-            model, loader, optimizer, cfg.local_epochs, ledger, cfg.max_grad_norm, cfg.dp_mode, generator
-        )
-        ledger.rounds.append({"round": server_round, "steps": ledger.steps, "epsilon": ledger.epsilon()})
+        steps_before = ledger.steps
+        privacy.train_private(model, TensorDataset(inputs, targets), cfg.batch_size, optimizer, cfg.local_epochs,
+                              ledger, cfg.max_grad_norm, cfg.dp_mode, randomness)
+        ledger.close_round(server_round, [count_release, (ledger.noise_multiplier, ledger.sample_rate,
+                                                          ledger.steps - steps_before)])
         save_ledger(ledger, context, path)
-
-    trained = trained_state(model)
-    if hostile:
-        target_keys = [k for k in trained if wire.expert_id(k, cfg.num_experts) == target]
-        trained, counts = attacks.hostile_update(cfg.attack, cfg.attack_scale, trained, received, counts, target_keys, target)
-    return wire.encode_train_reply(trained, site, len(labels), active, counts, loss, ledger)
+        loss = None  # computed on private examples and charged to nothing: it stays here
+    return wire.encode_train_reply(trained_state(model), site, len(targets), active, counts, loss, ledger)
 
 
 def evaluate_site(msg: Message, context: Context, cfg: RunConfig, site: int, model: nn.Module, data) -> RecordDict:

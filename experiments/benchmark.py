@@ -68,7 +68,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "active-top-m": 2, "batch-size": 64, "learning-rate": 0.002, "seed": 0},
     },
 }
-DP = {"dp": True, "target-epsilon": 8.0}
+# the experimenter holds every site's data: per-site test metrics under DP are asked for on purpose
+DP = {"dp": True, "target-epsilon": 8.0, "dp-site-evaluation": True}
 FEDERATED = {
     "expert_matched": {"strategy": "expert-matched", "dp": False},
     "fedavg_full_moe": {"strategy": "fedavg", "sparse-downlink": False, "dp": False},
@@ -124,7 +125,7 @@ def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[st
 
     from fedmoe import tasks
     from fedmoe.config import RunConfig
-    from fedmoe.training import evaluate, make_loader, make_optimizer, train_epochs
+    from fedmoe.training import evaluate, make_loader, make_optimizer, round_seed, train_epochs
 
     cfg = RunConfig.from_run_config(config)
     started = time.time()
@@ -141,10 +142,11 @@ def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[st
         model = tasks.build_model(cfg)
         curve = []
         for r in range(1, cfg.num_server_rounds + 1):
-            seed = cfg.seed * 1_000_003 + (0 if name == "all" else int(name)) * 10_007 + r
+            seed = round_seed(cfg.seed, 0 if name == "all" else int(name), r)
             torch.manual_seed(seed)
             optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(r))
-            train_epochs(model, make_loader(inputs, targets, cfg.batch_size, seed), optimizer, cfg.local_epochs)
+            loader = make_loader(inputs, targets, cfg.batch_size, torch.Generator().manual_seed(seed))
+            train_epochs(model, loader, optimizer, cfg.local_epochs)
             curve.append(evaluate(model, test_inputs, test_targets))
         models[name] = model
         curves.append(curve)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import TensorDataset
 
 from fedmoe import privacy
 from fedmoe.config import RunConfig
@@ -30,16 +31,16 @@ def epoch_seconds(mode: str, images: torch.Tensor, labels: torch.Tensor, cfg: Ru
     torch.manual_seed(0)
     model = MoEClassifier(cfg.model_config())
     freeze_inactive_experts(model, [2, 5])
-    loader = make_loader(images, labels, cfg.batch_size, 0)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.learning_rate)
     started = time.perf_counter()
     if mode == "none":
-        train_epochs(model, loader, optimizer, 1)
+        train_epochs(model, make_loader(images, labels, cfg.batch_size, torch.Generator().manual_seed(0)), optimizer, 1)
     else:
         ledger = privacy.PrivacyLedger(site=0, target_epsilon=cfg.target_epsilon, delta=cfg.target_delta,
                                        noise_multiplier=1.0, count_noise_multiplier=cfg.count_noise_multiplier,
-                                       sample_rate=1 / len(loader))
-        privacy.train_private(model, loader, optimizer, 1, ledger, cfg.max_grad_norm, mode, torch.Generator().manual_seed(0))
+                                       sample_rate=1 / privacy.steps_per_epoch(len(labels), cfg.batch_size))
+        privacy.train_private(model, TensorDataset(images, labels), cfg.batch_size, optimizer, 1, ledger,
+                              cfg.max_grad_norm, mode, privacy.dp_generator())
     return time.perf_counter() - started
 
 

@@ -136,6 +136,10 @@ class RunConfig:
     noise_multiplier: float = _key(0.0, _at_least(0.0), "DP-SGD noise multiplier; 0: derived once from target-epsilon and the planned steps")
     count_noise_multiplier: float = _key(20.0, _positive, "Gaussian noise on released routing counts, in units of their sensitivity")
     dp_mode: str = _key("ghost", _choice("ghost", "hooks"), "Opacus per-sample clipping: ghost (norms only) or hooks (per-sample grads)")
+    dp_reproducible_noise: bool = _key(False, None, "debugging only: DP noise and sampling seeded from seed, site and round; "
+                                       "the guarantee then does not hold against anyone who knows the config")
+    dp_site_evaluation: bool = _key(False, None, "under DP, sites report accuracy and loss on their own test split "
+                                    "(outside the guarantee: those metrics are charged to nothing)")
     # Output
     results_dir: str = _key("results", None, "folder for run folders (relative to the ServerApp's working directory)")
     run_name: str = _key("", None, "run folder name; empty: timestamp and run id")

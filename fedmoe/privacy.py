@@ -5,12 +5,17 @@ one accountant history for the whole run: entries (noise multiplier, sample rate
 DP-SGD steps and one full-batch Gaussian entry (sigma_c, 1.0, 1) per release of its routing
 counts. The history is restored before each round and saved after it, so epsilon accumulates
 over rounds and restarts exactly as one accountant that saw every step.
+
+Randomness: every draw the guarantee rests on (sampling masks, DP-SGD noise, count-release
+noise) comes from ``dp_generator``, seeded from OS entropy inside the site each round, never from
+the run config, site id or round, which the server knows (README, "Threat model").
 """
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 from opacus.accountants import RDPAccountant
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+from torch.utils.data import DataLoader, Dataset
 
 from .model import ExpertBank, PositionEmbedding
 from .results import atomic_write_json
@@ -172,9 +178,34 @@ def release_counts(counts: np.ndarray, noise_multiplier: float, sensitivity: flo
     return np.clip(counts + noise * noise_multiplier * sensitivity, 0.0, None)
 
 
+def dp_generator(reproducible_seed: int | None = None) -> torch.Generator:
+    """The source of every draw a site's DP guarantee rests on in one round: Poisson sampling
+    masks, DP-SGD noise, count-release noise.
+
+    By default it is seeded with 63 bits from the OS entropy pool (``secrets``) that never leave
+    this function: the server knows the run config, the seed, the site and the round, and must
+    not be able to regenerate the noise from them and subtract it. ``reproducible_seed`` (run
+    config ``dp-reproducible-noise=true``) seeds it from the config instead, for debugging only:
+    the guarantee then does not hold against anyone who knows the config.
+    """
+    seed = secrets.randbits(63) if reproducible_seed is None else reproducible_seed
+    return torch.Generator().manual_seed(seed)
+
+
+RoundRecord = dict[str, Any]  # {"round": r, "charged": [HistoryEntry, ...], "epsilon": after the round}
+
+
 @dataclass
 class PrivacyLedger:
-    """One site's privacy state for a whole run; everything needed to recompute its epsilon."""
+    """One site's privacy state for a whole run; everything needed to recompute its epsilon.
+
+    ``history`` is what the RDP accountant composes; ``rounds`` says what each round charged
+    (its count release, then its DP-SGD steps) and the epsilon after it, so an auditor can check
+    that the history is exactly the rounds' charges (fedmoe.audit). ``num_examples`` fixes the
+    sample rate 1 / ceil(n / batch size); like every DP-SGD analysis that publishes q, the ledger
+    treats the site's dataset size as public. ``reproducible_noise`` is sticky: once one round's
+    randomness came from the config, the run's guarantee is void against whoever knows it.
+    """
 
     site: int
     target_epsilon: float
@@ -182,9 +213,11 @@ class PrivacyLedger:
     noise_multiplier: float
     count_noise_multiplier: float
     sample_rate: float
+    num_examples: int = 0
+    reproducible_noise: bool = False
     accountant: str = ACCOUNTANT
     history: list[HistoryEntry] = field(default_factory=list)
-    rounds: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[RoundRecord] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
@@ -195,13 +228,12 @@ class PrivacyLedger:
 
     def charge(self, entries: list[HistoryEntry]) -> None:
         """Append entries, merging with the last one when the mechanism is identical (as Opacus does)."""
-        for sigma, rate, steps in entries:
-            if steps <= 0:
-                continue
-            if self.history and self.history[-1][:2] == (sigma, rate):
-                self.history[-1] = (sigma, rate, self.history[-1][2] + steps)
-            else:
-                self.history.append((sigma, rate, steps))
+        self.history = merge_history(self.history, entries)
+
+    def close_round(self, server_round: int, charged: list[HistoryEntry]) -> None:
+        """Record what ``server_round`` charged (already in the history) and the epsilon after it."""
+        self.rounds.append({"round": int(server_round), "charged": [list(e) for e in charged],
+                            "epsilon": _json_float(self.epsilon())})
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -226,6 +258,20 @@ class PrivacyLedger:
         return cls.from_json(path.read_text()) if path.exists() else None
 
 
+def merge_history(history: list[HistoryEntry], entries: list[HistoryEntry]) -> list[HistoryEntry]:
+    """``history`` followed by ``entries``, a new entry merged into the last one when its
+    (noise multiplier, sample rate) is the same, as Opacus' accountant records repeated steps."""
+    merged = [tuple(h) for h in history]
+    for sigma, rate, steps in entries:
+        if steps <= 0:
+            continue
+        if merged and merged[-1][:2] == (sigma, rate):
+            merged[-1] = (sigma, rate, merged[-1][2] + steps)
+        else:
+            merged.append((sigma, rate, steps))
+    return merged
+
+
 def _json_float(x: float) -> float | str:
     return "inf" if math.isinf(x) else x
 
@@ -238,16 +284,23 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def train_private(
-    model: torch.nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module, dataset: Dataset, batch_size: int, optimizer: torch.optim.Optimizer,
     epochs: int, ledger: PrivacyLedger, max_grad_norm: float, mode: str, generator: torch.Generator,
 ) -> float:
-    """DP-SGD on ``model``'s trainable parameters with Poisson sampling; the accountant starts
-    from the ledger's history and the ledger takes the updated history. Returns the mean loss."""
+    """DP-SGD on ``model``'s trainable parameters; the accountant starts from the ledger's history
+    and the ledger takes the updated history. Returns the mean loss (which stays at the site).
+
+    Poisson sampling at rate 1 / ceil(len(dataset) / batch_size), as the accountant assumes.
+    ``generator`` (``dp_generator``) draws both the sampling masks (Opacus' Poisson loader takes
+    the generator of the loader it wraps) and the noise, which is drawn as Opacus' secure mode
+    draws it (a sum of four Gaussians) to blunt floating-point attacks on Gaussian sampling.
+    """
     from opacus import PrivacyEngine
 
     from .training import MoELoss, train_epochs
 
     model.train()
+    loader = DataLoader(dataset, batch_size=batch_size, generator=generator)
     engine = PrivacyEngine(accountant=ACCOUNTANT)
     engine.accountant.history = list(ledger.history)
     wrapped = engine.make_private(
@@ -259,6 +312,9 @@ def train_private(
         private_model, private_optimizer, criterion, private_loader = wrapped
     else:
         (private_model, private_optimizer, private_loader), criterion = wrapped, MoELoss()
+    # PrivacyEngine(secure_mode=True) would also need torchcsprng (not installable here); the
+    # optimizer's own flag selects only the hardened noise sampling
+    private_optimizer.secure_mode = True
     try:
         loss = train_epochs(private_model, private_loader, private_optimizer, epochs, criterion)
     finally:

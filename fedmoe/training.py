@@ -33,9 +33,15 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=shuffle, generator=generator)
+def round_seed(seed: int, site: int, server_round: int) -> int:
+    """Seed of a site's public randomness in a round (router noise, shuffling without DP): it is
+    derivable from the run config, so DP never draws from it (privacy.dp_generator)."""
+    return seed * 1_000_003 + site * 10_007 + server_round
+
+
+def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator) -> DataLoader:
+    """Shuffled mini-batches for training without DP (DP-SGD samples its own: privacy.train_private)."""
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=True, generator=generator)
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:

@@ -8,7 +8,8 @@ experts) and the metrics hold:
   partition-id    int, the site
   active-experts  list[int], global expert ids (layer * num_experts + expert) it trained
   expert-counts   list[float] of length layers * num_experts, tokens routed per expert (>= 0)
-  train-loss      float
+  train-loss      float, mean training loss (dp=false only: under DP it is computed on private
+                  examples and charged to nothing, so it stays at the site)
   bytes           int, size of the ArrayRecord the site sent (the server measures what it received)
   epsilon         float, the site's epsilon so far (dp only; with a "privacy" ConfigRecord
                   holding its ledger as JSON)
@@ -17,6 +18,10 @@ A site whose privacy budget would be exceeded replies RecordDict{"status": Confi
 status "budget-exhausted" instead, and a site that cannot complete a sparse downlink message
 status "model-cache-miss". The server sends ConfigRecord{"server-round", "run-dir",
 "model-version", "base-version"} with the tensors changed since base-version (-1: all).
+
+Every field a site sends has a release class (``RELEASES``): why sending it is compatible with
+the site's differential privacy. The ClientApp checks each reply against it before it leaves
+(``release_violations``): an unclassified field, or a not-private one under DP, is never sent.
 """
 
 from __future__ import annotations
@@ -128,7 +133,7 @@ class TrainReply:
     arrays: dict[str, np.ndarray]
     active_experts: list[int]
     expert_counts: np.ndarray
-    train_loss: float
+    train_loss: float | None  # None: not sent (always under DP)
     nbytes: int  # bytes of the ArrayRecord as received
     epsilon: float | None = None
     ledger_json: str | None = None
@@ -137,15 +142,16 @@ class TrainReply:
 
 def encode_train_reply(
     trained: Mapping[str, torch.Tensor], site: int, num_examples: int,
-    active_experts: list[int], expert_counts: np.ndarray, train_loss: float, ledger=None,
+    active_experts: list[int], expert_counts: np.ndarray, train_loss: float | None, ledger=None,
 ) -> RecordDict:
     metrics = MetricRecord({
         NUM_EXAMPLES: int(num_examples),
         SITE: int(site),
         ACTIVE_EXPERTS: [int(e) for e in active_experts],
         EXPERT_COUNTS: [float(c) for c in expert_counts],
-        TRAIN_LOSS: float(train_loss),
     })
+    if train_loss is not None:
+        metrics[TRAIN_LOSS] = float(train_loss)
     arrays = to_record(trained)
     metrics[SENT_BYTES] = arrays.count_bytes()
     content = RecordDict({ARRAYS: arrays, METRICS: metrics})
@@ -201,7 +207,7 @@ def decode_train_reply(
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         raise InvalidReply(f"reply lacks the '{ARRAYS}' ArrayRecord or the '{METRICS}' MetricRecord")
     metrics = content.metric_records[METRICS]
-    for key in (NUM_EXAMPLES, SITE, ACTIVE_EXPERTS, EXPERT_COUNTS, TRAIN_LOSS):
+    for key in (NUM_EXAMPLES, SITE, ACTIVE_EXPERTS, EXPERT_COUNTS):
         if key not in metrics:
             raise InvalidReply(f"metric '{key}' missing")
     expert_ids = {expert_id(k, num_experts) for k in global_arrays} - {None}
@@ -245,6 +251,9 @@ def decode_train_reply(
     norm = update_norm(arrays, global_arrays)
     if max_update_norm > 0 and norm > max_update_norm:
         raise InvalidReply(f"update norm {norm:.4g} exceeds max-update-norm {max_update_norm:g}")
+    train_loss = metrics.get(TRAIN_LOSS)
+    if train_loss is not None and not np.isfinite(train_loss):
+        raise InvalidReply(f"'{TRAIN_LOSS}' must be finite, got {train_loss}")
     epsilon, ledger_json = None, None
     if EPSILON in metrics:
         epsilon = float(metrics[EPSILON])
@@ -253,7 +262,7 @@ def decode_train_reply(
         ledger_json = str(content.config_records[PRIVACY]["ledger"]) if PRIVACY in content.config_records else None
     return TrainReply(
         site=int(metrics[SITE]), num_examples=num_examples, arrays=arrays, active_experts=list(active),
-        expert_counts=counts, train_loss=float(metrics[TRAIN_LOSS]), nbytes=record.count_bytes(),
+        expert_counts=counts, train_loss=None if train_loss is None else float(train_loss), nbytes=record.count_bytes(),
         epsilon=epsilon, ledger_json=ledger_json, update_norm=norm,
     )
 
@@ -303,3 +312,63 @@ def decode_evaluate_reply(content: RecordDict) -> EvaluateReply:
     if bits is not None and not (np.isfinite(bits) and bits >= 0):
         raise InvalidReply(f"'{BITS_PER_CHAR}' must be finite and >= 0, got {bits}")
     return EvaluateReply(int(metrics[SITE]), n, acc, loss, None if bits is None else float(bits))
+
+
+# --- what a site sends, and why it may send it --------------------------------------------------
+
+CHARGED = "charged"  # the output of a mechanism charged to the site's privacy ledger
+POST_PROCESSING = "post-processing"  # computed only from charged values and public ones
+PUBLIC = "public"  # independent of the site's private examples (or public by assumption)
+NOT_PRIVATE = "not private"  # depends on private examples, charged to nothing
+
+
+@dataclass(frozen=True)
+class Release:
+    """The release class of one reply field, why, and for a not-private field the run-config
+    key that lets it out under DP (None: never under DP)."""
+
+    kind: str
+    why: str
+    opt_in: str | None = None
+
+
+ANY_TENSOR = "*"
+RELEASES: dict[tuple[str, str], Release] = {
+    (ARRAYS, ANY_TENSOR): Release(CHARGED, "DP-SGD output: shared tensors and active experts, trained on clipped, noised gradients"),
+    (METRICS, EXPERT_COUNTS): Release(CHARGED, "routing counts through the Gaussian mechanism (count-noise-multiplier), charged per round"),
+    (METRICS, ACTIVE_EXPERTS): Release(POST_PROCESSING, "chosen from the noised counts"),
+    (METRICS, SENT_BYTES): Release(POST_PROCESSING, "size of the tensors of the shared part and the active experts"),
+    (METRICS, NUM_EXAMPLES): Release(PUBLIC, "size of the site's training (or test) split: public by assumption, as the sample rate in every DP-SGD analysis"),
+    (METRICS, SITE): Release(PUBLIC, "the site's partition id"),
+    (METRICS, EPSILON): Release(PUBLIC, "function of the ledger history (noise multipliers, sample rate, steps)"),
+    (METRICS, MODEL_VERSION): Release(PUBLIC, "version of the global model the site holds"),
+    (PRIVACY, "ledger"): Release(PUBLIC, "the ledger: configuration, dataset size, history, per-round epsilon"),
+    (STATUS, STATUS): Release(PUBLIC, "budget-exhausted (decided by the ledger) or model-cache-miss"),
+    (STATUS, SITE): Release(PUBLIC, "the site's partition id"),
+    (STATUS, EPSILON): Release(PUBLIC, "function of the ledger history"),
+    (STATUS, "projected-epsilon"): Release(PUBLIC, "function of the ledger history and the planned round"),
+    (STATUS, MODEL_VERSION): Release(PUBLIC, "version of the global model the site holds"),
+    (METRICS, TRAIN_LOSS): Release(NOT_PRIVATE, "loss on private training examples; sent only with dp=false"),
+    (METRICS, EVAL_ACCURACY): Release(NOT_PRIVATE, "accuracy on the site's private test split", "dp-site-evaluation"),
+    (METRICS, EVAL_LOSS): Release(NOT_PRIVATE, "loss on the site's private test split", "dp-site-evaluation"),
+    (METRICS, BITS_PER_CHAR): Release(NOT_PRIVATE, "bits per character on the site's private test split", "dp-site-evaluation"),
+}
+
+
+def release_of(record: str, key: str, is_arrays: bool) -> Release | None:
+    return RELEASES.get((record, ANY_TENSOR if is_arrays else key))
+
+
+def release_violations(content: RecordDict, dp: bool, opted_in: frozenset[str] = frozenset()) -> list[str]:
+    """Why ``content`` must not leave a site: fields with no release class, and under DP
+    not-private fields whose opt-in key is not in ``opted_in``. Empty when it may be sent."""
+    problems = []
+    for name, record in content.items():
+        for key in record.keys():
+            release = release_of(name, key, isinstance(record, ArrayRecord))
+            if release is None:
+                problems.append(f"'{name}/{key}' has no release class (fedmoe.wire.RELEASES)")
+            elif dp and release.kind == NOT_PRIVATE and release.opt_in not in opted_in:
+                allowed = f" unless {release.opt_in}=true" if release.opt_in else ""
+                problems.append(f"'{name}/{key}' is not private ({release.why}) and is not sent under DP{allowed}")
+    return problems

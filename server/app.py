@@ -53,17 +53,26 @@ def main(grid: Grid, context: Context) -> None:
     initial_state = model.state_dict()
     recorder.summary.setdefault("starts", []).append({"after_round": done, "model_sha256": state_sha256(initial_state)})
     log(INFO, "fedmoe: run folder %s", recorder.run_dir)
+    warnings = privacy_warnings(cfg)
+    if warnings:
+        recorder.summary["privacy_warnings"] = warnings
     if cfg.dp:
         log(INFO, "fedmoe: differential privacy ON: DP-SGD (%s clipping, C=%s), target (epsilon=%s, delta=%s) per site, RDP accountant",
             cfg.dp_mode, cfg.max_grad_norm, cfg.target_epsilon, cfg.target_delta)
+        if not cfg.dp_site_evaluation:
+            log(INFO, "fedmoe: sites do not evaluate on their own test splits under DP (those metrics would be charged "
+                "to nothing); dp-site-evaluation=true asks for them, outside the guarantee")
     else:
         log(INFO, "fedmoe: differential privacy OFF (dp=false)")
+    for warning in warnings:
+        log(WARNING, "fedmoe: %s", warning)
     if done >= cfg.num_server_rounds:
         recorder.finish("completed")
         log(INFO, "fedmoe: nothing to do: %d of %d rounds already done", done, cfg.num_server_rounds)
         return
 
     robust = {"rules": cfg.robust_rules()} if cfg.strategy == "expert-matched" else {}
+    fraction_evaluate = cfg.fraction_evaluate if not cfg.dp or cfg.dp_site_evaluation else 0.0
     strategy = STRATEGIES[cfg.strategy](
         num_experts=cfg.num_experts,
         round_offset=done,
@@ -71,9 +80,9 @@ def main(grid: Grid, context: Context) -> None:
         max_update_norm=cfg.max_update_norm,
         **robust,
         fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
+        fraction_evaluate=fraction_evaluate,
         min_train_nodes=cfg.min_nodes,
-        min_evaluate_nodes=cfg.min_nodes if cfg.fraction_evaluate > 0 else 0,
+        min_evaluate_nodes=cfg.min_nodes if fraction_evaluate > 0 else 0,
         min_available_nodes=cfg.min_nodes,
     )
     strategy.ledgers.update(ledgers)
@@ -114,6 +123,20 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedmoe: final global accuracy %.4f; summary at %s", recorder.summary["final_accuracy"], path)
     if bits_per_char_per_nat is not None:
         log(INFO, "fedmoe: final bits per character %.4f", recorder.summary["rounds"][-1]["bits_per_char"])
+
+
+def privacy_warnings(cfg: RunConfig) -> list[str]:
+    """What about this run's privacy a reader of its log and summary must not miss."""
+    if not cfg.dp:
+        return []
+    warnings = []
+    if cfg.dp_reproducible_noise:
+        warnings.append("dp-reproducible-noise=true: DP noise and sampling are seeded from the run config; "
+                        "NO privacy guarantee against anyone who knows the config (the server does). Debugging only.")
+    if cfg.dp_site_evaluation and cfg.fraction_evaluate > 0:
+        warnings.append("dp-site-evaluation=true: sites send accuracy and loss on their own test splits; "
+                        "those metrics are outside the DP guarantee")
+    return warnings
 
 
 def write_utilisation_heat_map(cfg: RunConfig, recorder: RunRecorder) -> None:

@@ -57,6 +57,7 @@ class RoundStats:
     model_cache_misses: list[int] = field(default_factory=list)  # nodes that needed the whole model
     dropped_updates: list[str] = field(default_factory=list)  # site updates to units the robust rules dropped
     site_update_norm: dict[str, float] = field(default_factory=dict)  # L2 norm of each site's update
+    site_num_examples: dict[str, int] = field(default_factory=dict)  # training examples each site reported
 
 
 class FedAvgMoE(FedAvg):
@@ -186,20 +187,23 @@ class FedAvgMoE(FedAvg):
         stats.active_experts = {str(r.site): r.active_experts for r in valid}
         stats.site_expert_counts = {str(r.site): r.expert_counts.tolist() for r in valid}
         stats.site_update_norm = {str(r.site): r.update_norm for r in valid}
+        stats.site_num_examples = {str(r.site): r.num_examples for r in valid}
         stats.site_epsilon = {str(r.site): r.epsilon for r in valid if r.epsilon is not None}
         self.ledgers.update({str(r.site): r.ledger_json for r in valid if r.ledger_json})
         stats.expert_load = load.tolist()
         stats.expert_load_cv = float(np.mean([
             load_coefficient_of_variation(layer) for layer in load.reshape(-1, self.num_experts)
         ]))
-        weights = np.array([r.num_examples for r in valid], dtype=np.float64)
-        stats.train_loss = float(np.dot(weights, [r.train_loss for r in valid]) / weights.sum())
         metrics = MetricRecord({
-            "train-loss": stats.train_loss,
             "uplink-bytes": stats.uplink_bytes,
             "rejected-replies": len(stats.rejected_replies),
             "expert-load-cv": stats.expert_load_cv,
         })
+        reported = [r for r in valid if r.train_loss is not None]  # sites under DP keep their loss
+        if reported:
+            weights = np.array([r.num_examples for r in reported], dtype=np.float64)
+            stats.train_loss = float(np.dot(weights, [r.train_loss for r in reported]) / weights.sum())
+            metrics["train-loss"] = stats.train_loss
         return new_arrays, metrics
 
     def average(self, server_round: int, decoded: list[tuple[Message, wire.TrainReply]]) -> ArrayRecord:

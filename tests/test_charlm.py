@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from fedmoe import privacy, text, wire
 from fedmoe.charlm import CharLMConfig, CharMoETransformer
-from fedmoe.training import freeze_inactive_experts, make_loader, make_optimizer
+from fedmoe.training import freeze_inactive_experts, make_optimizer
 
 SMALL = CharLMConfig(seq_len=16, d_model=16, num_heads=2, num_moe_layers=2, num_experts=4, top_k=2, expert_hidden=16)
 
@@ -42,11 +43,10 @@ def test_dp_training_runs_and_keeps_frozen_experts(mode):
     freeze_inactive_experts(model, [1, 6])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     windows = torch.randint(0, 256, (48, 17))
-    loader = make_loader(windows[:, :-1], windows[:, 1:], 16, 0)
     ledger = privacy.PrivacyLedger(site=0, target_epsilon=math.inf, delta=1e-5, noise_multiplier=1.0,
-                                   count_noise_multiplier=20.0, sample_rate=1 / len(loader))
-    loss = privacy.train_private(model, loader, make_optimizer("adam", model.parameters(), 1e-2), 1, ledger, 1.0, mode,
-                                 torch.Generator().manual_seed(0))
+                                   count_noise_multiplier=20.0, sample_rate=1 / 3)
+    loss = privacy.train_private(model, TensorDataset(windows[:, :-1], windows[:, 1:]), 16,
+                                 make_optimizer("adam", model.parameters(), 1e-2), 1, ledger, 1.0, mode, privacy.dp_generator())
     assert math.isfinite(loss)
     after = model.state_dict()
     for key, value in before.items():

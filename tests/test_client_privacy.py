@@ -1,94 +1,95 @@
-"""The ClientApp's privacy path, called directly: ledger across rounds and restarts, budget guard."""
+"""The ClientApp's privacy path, called directly: the epsilon it reports against Opacus' accountant
+on the history the config implies, across rounds and a restart; the budget guard; frozen experts."""
 
 import json
 import math
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from opacus.accountants import RDPAccountant
+from torch.utils.data import TensorDataset
 
 from clients.app import app as client_app
-from fedmoe import privacy, wire
+from fedmoe import privacy, tasks, wire
 from fedmoe.config import RunConfig
 from fedmoe.model import MoEClassifier
-from fedmoe.training import make_loader, make_optimizer
-
-pytestmark = pytest.mark.skipif(
-    not __import__("fedmoe.data", fromlist=["DEBIAN_DIR"]).DEBIAN_DIR.exists(), reason="needs dataset-fashion-mnist"
-)
-
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    """Messages are built as the ServerApp builds them, which needs the task identity it has."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-
+from fedmoe.training import freeze_inactive_experts, make_optimizer
+from tests.sites import context, global_model, message, needs_fmnist, run_config, server_identity  # noqa: F401
 
 RUN = {"dp": True, "num-server-rounds": 3, "max-examples-per-site": 300, "d-model": 16, "expert-hidden": 16,
-       "batch-size": 32, "seed": 1}
+       "batch-size": 32, "seed": 1, "noise-multiplier": 1.3, "target-epsilon": 50.0}
 
 
-def run_config(**kw):
-    return RunConfig.from_run_config({**RUN, **kw}).as_run_config()
+def expected_epsilons(rounds, num_examples, batch_size, sigma, sigma_counts, delta):
+    """Epsilon after each round from the config alone: per round one count release (Gaussian,
+    q = 1) and ceil(n / B) DP-SGD steps at q = 1 / ceil(n / B), stepped through Opacus' accountant."""
+    steps = math.ceil(num_examples / batch_size)
+    accountant, out = RDPAccountant(), []
+    for _ in range(rounds):
+        accountant.step(noise_multiplier=sigma_counts, sample_rate=1.0)
+        for _ in range(steps):
+            accountant.step(noise_multiplier=sigma, sample_rate=1.0 / steps)
+        out.append(accountant.get_epsilon(delta=delta))
+    return out
 
 
-def train_message(model, server_round, run_dir):
-    content = RecordDict({
-        wire.ARRAYS: wire.to_record(model.state_dict()),
-        wire.CONFIG: ConfigRecord({"server-round": server_round, wire.RUN_DIR: str(run_dir)}),
-    })
-    return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
-
-
-def context(cfg, state_dir):
-    return Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3, "state-dir": str(state_dir)},
-                   state=RecordDict(), run_config=cfg)
-
-
-def global_model(cfg):
-    torch.manual_seed(0)
-    return MoEClassifier(RunConfig.from_run_config(cfg).model_config())
-
-
-def test_ledger_survives_a_restart_and_matches_one_accountant(tmp_path):
-    cfg = run_config()
+@needs_fmnist
+def test_epsilon_rises_every_round_across_a_restart_as_opacus_counts_it(tmp_path):
+    cfg = run_config(RUN)
     model = global_model(cfg)
     ctx = context(cfg, tmp_path / "site0")
     epsilons = []
     for r in (1, 2, 3):
         if r == 3:
             ctx = context(cfg, tmp_path / "site0")  # node restarted: Context.state is empty
-        reply = client_app(train_message(model, r, tmp_path), ctx)
+        reply = client_app(message(model, r, tmp_path), ctx)
         assert not reply.has_error(), reply.error
         epsilons.append(reply.content.metric_records[wire.METRICS][wire.EPSILON])
-    assert epsilons == sorted(epsilons) and epsilons[0] > 0
+    n = len(tasks.site_data(RunConfig.from_run_config(cfg), 0, 3)[1])
+    assert n == 240  # 300 examples, a fifth kept for the site's test split
+    expected = expected_epsilons(3, n, 32, sigma=1.3, sigma_counts=20.0, delta=1e-5)
+    assert epsilons == pytest.approx(expected, rel=1e-9)
+    assert epsilons[0] < epsilons[1] < epsilons[2]
     ledger = json.loads((tmp_path / "site0" / tmp_path.name / "privacy_ledger.json").read_text())
-    assert ledger["accountant"] == "rdp" and len(ledger["rounds"]) == 3
-    recomputed = privacy.epsilon_of([tuple(h) for h in ledger["history"]], ledger["delta"])
-    assert recomputed == pytest.approx(epsilons[-1], rel=1e-9)
-    assert epsilons[-1] <= 8.0  # the noise was planned for 3 rounds at target 8
+    assert ledger["accountant"] == "rdp" and [r["round"] for r in ledger["rounds"]] == [1, 2, 3]
+    assert ledger["num_examples"] == n and ledger["reproducible_noise"] is False
     # another run on the same node (Flower gives each run its own Context) keeps its own ledger on
     # disk in the same state-dir (a resumed run keeps its run name, so continues this one)
-    other = client_app(train_message(model, 1, tmp_path / "another-run"), context(cfg, tmp_path / "site0"))
-    assert other.content.metric_records[wire.METRICS][wire.EPSILON] == pytest.approx(epsilons[0])
+    other = client_app(message(model, 1, tmp_path / "another-run"), context(cfg, tmp_path / "site0"))
+    assert other.content.metric_records[wire.METRICS][wire.EPSILON] == pytest.approx(expected[0], rel=1e-9)
 
 
-def test_budget_guard_declines_to_train_instead_of_overspending(tmp_path):
-    cfg = run_config(**{"target-epsilon": 3.0, "noise-multiplier": 1.2})  # rounds cost 2.7, 3.3, ...: round 2 must not run
+@needs_fmnist
+def test_planned_noise_keeps_the_whole_run_within_the_target(tmp_path):
+    cfg = run_config(RUN, **{"noise-multiplier": 0.0, "target-epsilon": 4.0})
     model = global_model(cfg)
     ctx = context(cfg, tmp_path / "s")
-    statuses = []
-    for r in (1, 2, 3):
-        reply = client_app(train_message(model, r, tmp_path), ctx)
-        statuses.append(wire.STATUS in reply.content.config_records)
-    assert statuses[0] is False and statuses[-1] is True
+    epsilons = [client_app(message(model, r, tmp_path), ctx).content.metric_records[wire.METRICS][wire.EPSILON]
+                for r in (1, 2, 3)]
+    sigma = json.loads((tmp_path / "s" / tmp_path.name / "privacy_ledger.json").read_text())["noise_multiplier"]
+    assert epsilons == pytest.approx(expected_epsilons(3, 240, 32, sigma, 20.0, 1e-5), rel=1e-9)
+    # the plan spends the budget: within the target, and 5% less noise would exceed it
+    assert 3.9 < epsilons[-1] <= 4.0
+    assert expected_epsilons(3, 240, 32, 0.95 * sigma, 20.0, 1e-5)[-1] > 4.0
+
+
+@needs_fmnist
+def test_budget_guard_declines_to_train_instead_of_overspending(tmp_path):
+    cfg = run_config(RUN, **{"target-epsilon": 3.0, "noise-multiplier": 1.2})
+    per_round = expected_epsilons(3, 240, 32, 1.2, 20.0, 1e-5)
+    assert per_round[0] < 3.0 < per_round[1]  # round 1 fits the budget, round 2 would not
+    model = global_model(cfg)
+    ctx = context(cfg, tmp_path / "s")
+    replies = [client_app(message(model, r, tmp_path), ctx) for r in (1, 2, 3)]
+    assert [wire.STATUS in r.content.config_records for r in replies] == [False, True, True]
+    status = replies[1].content.config_records[wire.STATUS]
+    assert status[wire.STATUS] == wire.BUDGET_EXHAUSTED
+    assert status[wire.EPSILON] == pytest.approx(per_round[0], rel=1e-9)
+    assert status["projected-epsilon"] == pytest.approx(per_round[1], rel=1e-9)
     ledger = privacy.PrivacyLedger.load(tmp_path / "s" / tmp_path.name / "privacy_ledger.json")
-    assert ledger.epsilon() <= 3.0
-    exhausted = client_app(train_message(model, 4, tmp_path), ctx)
+    assert ledger.epsilon() == pytest.approx(per_round[0], rel=1e-9) and len(ledger.rounds) == 1
     with pytest.raises(wire.BudgetExhausted):
-        wire.decode_train_reply(exhausted.content, {k: v.numpy() for k, v in model.state_dict().items()}, 8)
+        wire.decode_train_reply(replies[2].content, {k: v.numpy() for k, v in model.state_dict().items()}, 8)
 
 
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
@@ -96,19 +97,17 @@ def test_frozen_experts_unchanged_after_dp_training(mode):
     cfg = RunConfig.from_run_config({"d-model": 16, "expert-hidden": 16, "num-experts": 4})
     torch.manual_seed(0)
     model = MoEClassifier(cfg.model_config())
-    from fedmoe.training import freeze_inactive_experts
     freeze_inactive_experts(model, [2])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images, labels = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
-    loader = make_loader(images, labels, 16, 0)
     ledger = privacy.PrivacyLedger(site=0, target_epsilon=math.inf, delta=1e-5, noise_multiplier=1.0,
-                                   count_noise_multiplier=20.0, sample_rate=1 / len(loader))
-    privacy.train_private(model, loader, make_optimizer("adam", model.parameters(), 1e-2), 2, ledger, 1.0, mode,
-                          torch.Generator().manual_seed(0))
+                                   count_noise_multiplier=20.0, sample_rate=1 / 4)
+    privacy.train_private(model, TensorDataset(images, labels), 16, make_optimizer("adam", model.parameters(), 1e-2), 2,
+                          ledger, 1.0, mode, privacy.dp_generator())
     after = model.state_dict()
     for key in before:
         expert = wire.expert_id(key, 4)
         if expert is not None and expert != 2:
             assert torch.equal(before[key], after[key]), key
     assert not torch.equal(before["moe_layers.0.experts.w_in_2"], after["moe_layers.0.experts.w_in_2"])
-    assert ledger.history == [(1.0, 1 / len(loader), 2 * len(loader))]
+    assert ledger.history == [(1.0, 1 / 4, 2 * 4)]  # 64 examples in batches of 16: q = 1/4, 4 steps per epoch

@@ -68,7 +68,10 @@ def test_decoded_reply_holds_exactly_shared_and_active_tensors(model):
         (lambda c: c.metric_records["metrics"].__setitem__(wire.EXPERT_COUNTS, [1.0] * 7), "counts"),
         (lambda c: c.metric_records["metrics"].__setitem__(wire.EXPERT_COUNTS, [-1.0] * 8), "counts"),
         (lambda c: c.metric_records["metrics"].__setitem__(wire.NUM_EXAMPLES, 0), "positive"),
-        (lambda c: c.metric_records["metrics"].__delitem__(wire.TRAIN_LOSS), "missing"),
+        (lambda c: c.metric_records["metrics"].__delitem__(wire.EXPERT_COUNTS), "missing"),
+        (lambda c: c.metric_records["metrics"].__setitem__(wire.TRAIN_LOSS, float("nan")), "finite"),
+        (lambda c: c.metric_records["metrics"].__setitem__(wire.EPSILON, -0.5), "epsilon"),
+        (lambda c: c.metric_records["metrics"].__setitem__(wire.EPSILON, float("nan")), "epsilon"),
     ],
 )
 def test_malformed_replies_are_rejected_with_a_reason(model, mutate, reason):
