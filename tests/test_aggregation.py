@@ -136,3 +136,83 @@ def test_robust_rules_keep_untouched_experts_and_never_go_non_finite():
 def test_unknown_rule_is_refused():
     with pytest.raises(ValueError, match="aggregation"):
         RobustRules(rule="krum")
+
+
+def test_robust_mean_weights_experts_by_counts_and_shared_tensors_by_examples():
+    """The robust path (any rule switched on) combines with the same weights as plain averaging."""
+    updates = [
+        SiteUpdate({"trunk": np.array([1.0, 0.0], np.float32), "expert/1": np.array([2.0, 0.0], np.float32)}, 1, {1: 3.0}, site=0),
+        SiteUpdate({"trunk": np.array([5.0, 0.0], np.float32), "expert/1": np.array([6.0, 4.0], np.float32)}, 3, {1: 1.0}, site=1),
+    ]
+    out, dropped = robust(updates, update_norm_bound=100.0)
+    assert not dropped
+    np.testing.assert_allclose(out["trunk"], [(1 * 1 + 3 * 5) / 4, 0.0], rtol=1e-6)  # by examples: 4.0
+    np.testing.assert_allclose(out["expert/1"], [(3 * 2 + 1 * 6) / 4, (3 * 0 + 1 * 4) / 4], rtol=1e-6)  # by counts: 3, 1
+
+
+def test_clipping_then_unequal_weights():
+    out, _ = robust(expert_updates([[3, 4], [0.3, 0.4]], counts=[1, 3]), update_norm_bound=1.0)
+    # (3, 4) -> (0.6, 0.8) with weight 1; (0.3, 0.4) with weight 3: (0.6 + 0.9) / 4, (0.8 + 1.2) / 4
+    np.testing.assert_allclose(out["expert/1"], [0.375, 0.5], rtol=1e-6)
+
+
+def test_outlier_dropped_then_the_rest_weighted_by_counts():
+    out, dropped = robust(expert_updates([[1, 0], [2, 0], [1.5, 0], [60, 0]], counts=[1, 3, 4, 50]), outlier_mad=3.5)
+    assert len(dropped) == 1 and dropped[0].startswith("site 3")
+    np.testing.assert_allclose(out["expert/1"], [(1 * 1 + 3 * 2 + 4 * 1.5) / 8, 0], rtol=1e-6)
+
+
+def test_zero_count_weights_fall_back_to_equal_in_the_robust_path():
+    out, _ = robust(expert_updates([[2, 0], [4, 0]], counts=[0.0, 0.0]), update_norm_bound=100.0)
+    np.testing.assert_allclose(out["expert/1"], [3.0, 0])
+
+
+def test_trimmed_mean_of_few_contributors_keeps_the_middle():
+    out, _ = robust(expert_updates([[1, 0], [2, 0], [9, 0]]), rule="trimmed-mean", trim_fraction=0.4)
+    np.testing.assert_allclose(out["expert/1"], [2, 0])  # floor(0.4 * 3) = 1 cut from each end
+    out, _ = robust(expert_updates([[1, 0], [3, 0]]), rule="trimmed-mean", trim_fraction=0.49)
+    np.testing.assert_allclose(out["expert/1"], [2, 0])  # never cuts everything
+
+
+# --- attacks against the rules: the undefended rule is hurt, the defence helps ------------------
+
+def attacked_round(attack, scale, rules, seed=0):
+    """Five sites train expert 1 and the trunk (honest updates: a common direction plus noise);
+    site 0 sends what fedmoe.attacks makes of its honest update. Returns the distance of the
+    aggregate to the mean of the four honest sites' updates, and the largest distance of an
+    honest site's update to that mean."""
+    import torch
+
+    from fedmoe.attacks import hostile_update
+
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=6)
+    direction *= 2.0 / np.linalg.norm(direction)
+    honest = [{"trunk": (direction + 0.3 * rng.normal(size=6)).astype(np.float32),
+               "expert/1": (direction + 0.3 * rng.normal(size=6)).astype(np.float32)} for _ in range(5)]
+    zero = {"trunk": np.zeros(6, np.float32), "expert/1": np.zeros(6, np.float32)}
+    counts = np.array([0.0, 10.0])
+    trained, claimed = hostile_update(attack, scale, {k: torch.as_tensor(v) for k, v in honest[0].items()},
+                                      {k: torch.as_tensor(v) for k, v in zero.items()}, counts, ["expert/1"], 1)
+    sites = [{k: v.numpy() for k, v in trained.items()}, *honest[1:]]
+    weights = [claimed[1], *[10.0] * 4]
+    updates = [SiteUpdate(arrays, 10, {1: w}, site=i) for i, (arrays, w) in enumerate(zip(sites, weights))]
+    out = expert_matched_average(zero, updates, expert_of, rules)
+    target = {k: np.mean([h[k] for h in honest[1:]], axis=0) for k in zero}
+    spread = max(float(np.linalg.norm(h[k] - target[k])) for h in honest[1:] for k in zero)
+    return max(float(np.linalg.norm(out[k] - target[k])) for k in zero), spread
+
+
+@pytest.mark.parametrize("attack, scale, defence", [
+    ("sign-flip", 4.0, RobustRules(outlier_mad=3.5, outlier_min_cosine=0.0)),
+    ("sign-flip", 4.0, RobustRules(rule="median")),
+    ("scale", 20.0, RobustRules(outlier_mad=3.5)),
+    ("scale", 20.0, RobustRules(rule="trimmed-mean", trim_fraction=0.2)),
+    ("backdoor", 5.0, RobustRules(update_norm_bound=2.5)),  # honest update norms are about 2
+])
+def test_the_undefended_mean_is_hurt_and_the_defence_helps(attack, scale, defence):
+    undefended, spread = attacked_round(attack, scale, RobustRules())
+    defended, _ = attacked_round(attack, scale, defence)
+    # spread: the farthest an honest site's update lies from the honest mean
+    assert undefended > 2 * spread  # the attack moved the model far off the honest mean
+    assert defended < min(undefended / 3, spread)  # the defence took most of it back

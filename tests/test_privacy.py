@@ -1,16 +1,20 @@
 """Per-sample gradients and norms of the expert bank against brute force; accounting against Opacus."""
 
+import dataclasses
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from torch.utils.data import TensorDataset
 
 from fedmoe import privacy
-from fedmoe.model import MoEClassifier, MoEConfig
+from fedmoe.model import ExpertBank, MoEClassifier, MoEConfig
 from fedmoe.training import MoELoss, freeze_inactive_experts
 
 CFG = MoEConfig(d_model=12, expert_hidden=10, num_experts=4, top_k=2, router_noise=0.0)
@@ -52,23 +56,43 @@ def test_hooks_grad_samples_match_brute_force():
             assert getattr(p, "grad_sample", None) is None, name
 
 
-def test_ghost_norms_match_brute_force():
-    model, images, labels = model_and_batch(seed=1)
+@pytest.mark.parametrize("cfg", [CFG, MoEConfig()], ids=["small", "default-widths"])
+def test_ghost_norms_match_brute_force(cfg):
+    """Per-sample gradient norms of the whole model in Opacus' ghost-clipping module against one
+    backward per sample, at small widths and at the defaults (d=64, h=128, 16 tokens), whose
+    expert-bank norms take the Gram form."""
+    torch.manual_seed(1)
+    model = MoEClassifier(dataclasses.replace(cfg, router_noise=0.0))
+    freeze_inactive_experts(model, [0, 2])
+    images, labels = torch.randn(5, 1, 28, 28), torch.randint(0, 10, (5,))
     expected = brute_force_grads(model, images, labels)
-    bank = model.moe_layers[0].experts
-    x = torch.randn(5, 16 * 2, CFG.d_model)
-    index = torch.randint(0, 4, (5, 32))
-    backprops = torch.randn(5, 32, CFG.d_model)
-    grads = privacy.compute_expert_bank_grad_sample(bank, [x, index], backprops)
-    norms = privacy.compute_expert_bank_norm_sample(bank, [x, index], backprops)
-    assert grads.keys() == norms.keys() and len(norms) == 8  # experts 0 and 2, four tensors each
-    for p, g in grads.items():
-        torch.testing.assert_close(norms[p], g.flatten(1).norm(dim=1), rtol=1e-5, atol=1e-6)
-    # and the whole model's per-sample norms in Opacus' ghost module equal the brute-force ones
     gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum", max_grad_norm=1e9, use_ghost_clipping=True)
     MoELoss(reduction="sum")(gsm(images), labels).backward()
     total = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()]).pow(2).sum(0).sqrt()
     torch.testing.assert_close(gsm.get_norm_sample(), total, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("d, h, tokens", [(12, 10, 32), (64, 128, 16), (64, 128, 200)])
+def test_expert_bank_norm_sampler_equals_the_norms_of_its_grad_sampler(d, h, tokens):
+    torch.manual_seed(2)
+    bank = ExpertBank(4, d, h)
+    for p in bank.expert_params(1):
+        p.requires_grad_(False)
+    x, index, backprops = torch.randn(5, tokens, d), torch.randint(0, 4, (5, tokens)), torch.randn(5, tokens, d)
+    grads = privacy.compute_expert_bank_grad_sample(bank, [x, index], backprops)
+    norms = privacy.compute_expert_bank_norm_sample(bank, [x, index], backprops)
+    assert grads.keys() == norms.keys() and len(norms) == 12  # experts 0, 2 and 3, four tensors each
+    for p, g in grads.items():
+        torch.testing.assert_close(norms[p], g.flatten(1).norm(dim=1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("t, p, q", [(16, 64, 128), (16, 128, 64), (32, 4, 4), (8, 3, 200)])
+def test_outer_sum_norm_in_either_form_is_the_frobenius_norm(t, p, q):
+    """|| sum_t a_t g_t^T ||_F per sample, whichever of its two forms the shapes pick."""
+    torch.manual_seed(3)
+    a, g = torch.randn(6, t, p, dtype=torch.float64), torch.randn(6, t, q, dtype=torch.float64)
+    direct = torch.stack([(a[n].T @ g[n]).norm() for n in range(6)])
+    torch.testing.assert_close(privacy._outer_sum_norm(a, g), direct, rtol=1e-10, atol=1e-10)
 
 
 def test_planned_noise_matches_opacus_without_count_releases():
@@ -87,24 +111,78 @@ def test_count_releases_raise_the_noise_and_stay_within_target():
         privacy.plan_noise_multiplier(0.1, 1e-5, 0.02, 500, count_releases=100, count_noise_multiplier=1.0)
 
 
-def test_ledger_restored_over_rounds_equals_one_accountant(tmp_path):
+def test_train_private_continues_the_ledger_history_as_one_accountant():
+    torch.manual_seed(0)
+    model = MoEClassifier(CFG)
+    freeze_inactive_experts(model, [1])
+    ledger = privacy.PrivacyLedger(site=0, target_epsilon=50.0, delta=1e-5, noise_multiplier=1.1,
+                                   count_noise_multiplier=20.0, sample_rate=0.25)
+    ledger.history = [(20.0, 1.0, 1), (1.1, 0.25, 8), (20.0, 1.0, 1)]  # two rounds' count releases, one round's steps
+    data = TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    privacy.train_private(model, data, 16, torch.optim.SGD(model.parameters(), lr=0.1), 1, ledger, 1.0, "ghost",
+                          privacy.dp_generator())
+    assert ledger.history == [(20.0, 1.0, 1), (1.1, 0.25, 8), (20.0, 1.0, 1), (1.1, 0.25, 4)]
     one = RDPAccountant()
-    ledger = privacy.PrivacyLedger(site=0, target_epsilon=8.0, delta=1e-5, noise_multiplier=1.1, count_noise_multiplier=20.0, sample_rate=0.05)
-    path = tmp_path / "ledger.json"
-    for _ in range(4):
-        ledger.charge([(20.0, 1.0, 1)])
-        one.step(noise_multiplier=20.0, sample_rate=1.0)
-        # a fresh accountant each round, restored from the saved ledger, as Opacus sees it
-        acc = RDPAccountant()
-        acc.history = list(ledger.history)
-        for _ in range(30):
-            acc.step(noise_multiplier=1.1, sample_rate=0.05)
-            one.step(noise_multiplier=1.1, sample_rate=0.05)
-        ledger.history = list(acc.history)
-        ledger.save(path)
-        ledger = privacy.PrivacyLedger.load(path)
-    assert ledger.steps == 4 * 31
+    for sigma, q, steps in [(20.0, 1.0, 1), (1.1, 0.25, 8), (20.0, 1.0, 1), (1.1, 0.25, 4)]:
+        for _ in range(steps):
+            one.step(noise_multiplier=sigma, sample_rate=q)
     assert ledger.epsilon() == pytest.approx(one.get_epsilon(delta=1e-5), rel=1e-12)
+
+
+def test_ledger_json_round_trip_keeps_everything(tmp_path):
+    ledger = privacy.PrivacyLedger(site=3, target_epsilon=math.inf, delta=1e-6, noise_multiplier=0.9,
+                                   count_noise_multiplier=15.0, sample_rate=0.1, num_examples=95, reproducible_noise=True)
+    ledger.charge([(15.0, 1.0, 1), (0.9, 0.1, 10)])
+    ledger.close_round(4, [(15.0, 1.0, 1), (0.9, 0.1, 10)])
+    ledger.save(tmp_path / "l.json")
+    back = privacy.PrivacyLedger.load(tmp_path / "l.json")
+    assert back == ledger
+    saved = json.loads((tmp_path / "l.json").read_text())
+    assert saved["target_epsilon"] == "inf" and saved["epsilon"] == pytest.approx(ledger.epsilon())
+    assert saved["rounds"] == [{"round": 4, "charged": [[15.0, 1.0, 1], [0.9, 0.1, 10]], "epsilon": ledger.epsilon()}]
+    assert privacy.PrivacyLedger.load(tmp_path / "missing.json") is None
+
+
+def test_charges_merge_only_identical_mechanisms():
+    assert privacy.merge_history([(1.0, 0.5, 2)], [(1.0, 0.5, 3), (1.0, 0.25, 1), (1.0, 0.25, 0), (2.0, 0.25, 1)]) == [
+        (1.0, 0.5, 5), (1.0, 0.25, 1), (2.0, 0.25, 1)]
+
+
+def test_count_sensitivity_bounds_every_samples_count_vector():
+    """One sample adds 1 to k distinct experts per layer for each of its T tokens: its count
+    vector's L2 norm is at most T sqrt(kL), reached when all its tokens pick the same experts."""
+    assert privacy.count_sensitivity(16, 2, 1) == pytest.approx(16 * math.sqrt(2))
+    assert privacy.count_sensitivity(64, 2, 3) == pytest.approx(64 * math.sqrt(6))
+    torch.manual_seed(4)
+    cfg = MoEConfig(d_model=16, expert_hidden=16, num_experts=4, top_k=2, num_moe_layers=2)
+    model = MoEClassifier(cfg).eval()
+    images = torch.randn(20, 1, 28, 28)
+    images[0] = 0.0  # identical patches: every token of sample 0 takes the same experts (up to position)
+    model(images)
+    per_sample = torch.cat([layer.last_routing.per_sample for layer in model.moe_layers], dim=1).double()
+    bound = privacy.count_sensitivity(cfg.num_tokens, cfg.top_k, cfg.num_moe_layers)
+    assert torch.all(per_sample.norm(dim=1) <= bound + 1e-9)
+    assert torch.all(per_sample.sum(dim=1) == cfg.num_tokens * cfg.top_k * cfg.num_moe_layers)
+
+
+def test_count_release_noise_has_the_stated_scale_and_is_clamped_at_zero():
+    """Gaussian noise of std sigma x sensitivity on each count (tolerance: 2% on the std of 20000
+    draws, whose standard error is 0.5%); negative results are clamped to 0."""
+    generator = torch.Generator().manual_seed(0)
+    counts = np.full(20000, 1e6)
+    released = privacy.release_counts(counts, 20.0, 16 * math.sqrt(2), generator)
+    noise = released - counts
+    assert np.std(noise) == pytest.approx(20.0 * 16 * math.sqrt(2), rel=0.02)
+    assert abs(np.mean(noise)) < 3 * 20.0 * 16 * math.sqrt(2) / math.sqrt(20000)
+    zeros = privacy.release_counts(np.zeros(20000), 1.0, 1.0, generator)
+    assert zeros.min() == 0.0 and 0.45 < np.mean(zeros == 0.0) < 0.55
+
+
+def test_dp_generators_are_secret_unless_seeded():
+    first, second = privacy.dp_generator(), privacy.dp_generator()
+    assert first.initial_seed() != second.initial_seed()
+    assert not torch.equal(torch.randn(8, generator=first), torch.randn(8, generator=second))
+    assert torch.equal(torch.randn(8, generator=privacy.dp_generator(123)), torch.randn(8, generator=torch.Generator().manual_seed(123)))
 
 
 def test_infinite_target_means_no_noise():

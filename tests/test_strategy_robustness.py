@@ -36,7 +36,7 @@ def task_identity(monkeypatch):
 def reply(site: int, mutation: str, active: list[int], scale: float) -> Message:
     freeze_inactive_experts(MODEL, active)
     state = {k: v + 0.01 * (site + 1) for k, v in trained_state(MODEL).items()}
-    counts = np.full(CFG.num_experts, 10.0)
+    counts = np.arange(1.0, CFG.num_experts + 1) * (site + 1)  # unequal weights, so a wrong weighting shows
     instruction = Message(RecordDict({wire.CONFIG: ConfigRecord({"server-round": 1})}),
                           dst_node_id=site + 1, message_type=MessageType.TRAIN)
     if mutation == "error-reply":
@@ -62,7 +62,7 @@ def reply(site: int, mutation: str, active: list[int], scale: float) -> Message:
         del state["norm.weight"]
     elif mutation in ("huge-update", "scaled-expert"):
         state[key] = torch.as_tensor(GLOBAL[key]) + scale * (state[key] - torch.as_tensor(GLOBAL[key]))
-    content = wire.encode_train_reply(state, site, 100, active, counts, 0.5)
+    content = wire.encode_train_reply(state, site, num_examples(site), active, counts, 0.5)
     metrics = content.metric_records[wire.METRICS]
     if mutation == "expert-out-of-range":
         metrics[wire.ACTIVE_EXPERTS] = [*active, CFG.num_experts + 3]
@@ -79,6 +79,28 @@ def reply(site: int, mutation: str, active: list[int], scale: float) -> Message:
     elif mutation == "zero-examples":
         metrics[wire.NUM_EXAMPLES] = 0
     return Message(content, reply_to=instruction)
+
+
+def num_examples(site: int) -> int:
+    return 100 + 37 * site
+
+
+def expected_average(messages):
+    """Expert-matched averaging of the given (valid) replies, computed here: shared tensors by
+    examples, each expert over the replies holding it by its routed counts, the rest unchanged."""
+    out = {}
+    for key, value in GLOBAL.items():
+        expert = wire.expert_id(key, CFG.num_experts)
+        total, weight = np.zeros(value.shape), 0.0
+        for msg in messages:
+            metrics = msg.content.metric_records[wire.METRICS]
+            arrays = msg.content.array_records[wire.ARRAYS]
+            if key in arrays:
+                w = metrics[wire.NUM_EXAMPLES] if expert is None else metrics[wire.EXPERT_COUNTS][expert]
+                total += w * arrays[key].numpy().astype(np.float64)
+                weight += w
+        out[key] = total / weight if weight else value
+    return out
 
 
 def aggregate(strategy, replies):
@@ -111,6 +133,12 @@ def test_expert_matched_survives_any_mix_of_replies(replies, rule, defended):
         return
     for key, value in wire.to_numpy(arrays).items():
         assert value.shape == GLOBAL[key].shape and np.all(np.isfinite(value)), key
+    if rule == "mean" and not defended:  # every well-formed reply is averaged with its weights
+        accepted = [msg for msg, (m, _, _) in zip(messages, replies) if m in ("valid", "huge-update", "scaled-expert")]
+        assert stats.replies == len(accepted)
+        got = wire.to_numpy(arrays)
+        for key, value in expected_average(accepted).items():
+            np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(value).max())), err_msg=key)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -128,3 +156,35 @@ def test_max_update_norm_rejects_a_scaled_reply_with_its_reason():
     _, stats = aggregate(strategy, [reply(0, "valid", [1], 1), reply(1, "huge-update", [1], 1e6)])
     assert stats.replies == 1
     assert len(stats.rejected_replies) == 1 and "exceeds max-update-norm" in stats.rejected_replies[0]
+
+
+def test_aggregate_train_weights_shared_tensors_by_examples_and_experts_by_counts():
+    """Three sites with overlapping active sets and unequal examples and counts, end to end
+    through the strategy: compared with the weighted means computed by hand below."""
+    messages = [reply(0, "valid", [0, 1], 1), reply(1, "valid", [1, 2], 1), reply(2, "valid", [1], 1)]
+    arrays, stats = aggregate(ExpertMatched(num_experts=CFG.num_experts), messages)
+    got = wire.to_numpy(arrays)
+    assert stats.replies == 3
+    # site i sends x + 0.01 (i + 1) for every tensor it trained; examples 100, 137, 174; counts c_ie = (e + 1)(i + 1)
+    key = "head.bias"  # shared: (100 * .01 + 137 * .02 + 174 * .03) / 411
+    np.testing.assert_allclose(got[key], GLOBAL[key] + (100 * .01 + 137 * .02 + 174 * .03) / 411, rtol=1e-5)
+    key = "moe_layers.0.experts.w_in_1"  # sites 0, 1, 2 with counts 2, 4, 6
+    np.testing.assert_allclose(got[key], GLOBAL[key] + (2 * .01 + 4 * .02 + 6 * .03) / 12, rtol=1e-5)
+    key = "moe_layers.0.experts.b_out_2"  # site 1 only
+    np.testing.assert_allclose(got[key], GLOBAL[key] + .02, rtol=1e-5)
+    key = "moe_layers.0.experts.w_out_0"  # site 0 only
+    np.testing.assert_allclose(got[key], GLOBAL[key] + .01, rtol=1e-5)
+    key = "moe_layers.0.experts.w_in_3"  # nobody: bit-identical
+    assert got[key].tobytes() == GLOBAL[key].tobytes()
+    assert stats.site_num_examples == {"0": 100, "1": 137, "2": 174}
+    assert stats.active_experts == {"0": [0, 1], "1": [1, 2], "2": [1]}
+    assert stats.uplink_bytes == sum(stats.site_uplink_bytes.values()) > 0
+    # train loss (dp=false replies carry it) weighted by examples
+    assert stats.train_loss == pytest.approx(0.5)
+
+
+def test_fedavg_averages_whole_models_by_examples():
+    messages = [reply(i, "valid", list(range(CFG.num_experts)), 1) for i in range(2)]
+    arrays, _ = aggregate(FedAvgMoE(num_experts=CFG.num_experts), messages)
+    key = "moe_layers.0.experts.w_in_3"
+    np.testing.assert_allclose(wire.to_numpy(arrays)[key], GLOBAL[key] + (100 * .01 + 137 * .02) / 237, rtol=1e-5)
