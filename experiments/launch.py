@@ -203,20 +203,22 @@ def main(argv: list[str] | None = None) -> int:
         f"mean uplink {sum(r['uplink_bytes'] for r in rounds) / len(rounds) / 1e6:.3f} MB/round "
         f"(full model {summary['full_model_bytes'] / 1e6:.3f} MB x {args.sites} sites = "
         f"{summary['full_model_bytes'] * args.sites / 1e6:.3f} MB)\n"
-        f"{privacy_line(summary)}\n"
+        f"{privacy_line(summary, Path(args.results_dir).resolve() / 'latest')}\n"
         f"results: {Path(args.results_dir).resolve() / 'latest' / 'summary.json'}"
     )
     return 0
 
 
-def privacy_line(summary: dict[str, Any]) -> str:
+def privacy_line(summary: dict[str, Any], run_dir: Path) -> str:
     config = summary["config"]
     if not config["dp"]:
         return "differential privacy: OFF (dp=false)"
     eps = [r["epsilon_max"] for r in summary["rounds"] if r.get("epsilon_max") is not None]
     spent = f"{eps[-1]:.3f}" if eps else "n/a"
-    return (f"differential privacy: ON, DP-SGD per site; largest epsilon spent {spent} "
-            f"(target {config['target-epsilon']}, delta {config['target-delta']}), ledgers in privacy_ledger.json")
+    line = (f"differential privacy: ON, DP-SGD per site; largest epsilon spent {spent} "
+            f"(target {config['target-epsilon']}, delta {config['target-delta']}), ledgers in privacy_ledger.json "
+            f"(check them: python -m fedmoe.audit {run_dir})")
+    return "\n".join([line, *(f"WARNING: {w}" for w in summary.get("privacy_warnings", []))])
 
 
 if __name__ == "__main__":

@@ -105,3 +105,37 @@ def test_fast_array_decoding_equals_flowers(array):
     fast = wire.array_to_numpy(flower)
     assert fast.dtype == flower.numpy().dtype and fast.shape == flower.numpy().shape
     np.testing.assert_array_equal(fast, flower.numpy())
+
+
+def test_release_violations_name_unclassified_and_not_private_fields(model):
+    content = reply(model, [1, 6])  # carries a training loss: not private
+    assert wire.release_violations(content, dp=False) == []
+    assert wire.release_violations(content, dp=True) == [
+        "'metrics/train-loss' is not private (loss on private training examples; sent only with dp=false) and is not sent under DP"]
+    del content.metric_records[wire.METRICS][wire.TRAIN_LOSS]
+    assert wire.release_violations(content, dp=True) == []
+    content.metric_records[wire.METRICS]["gradient-norm"] = 1.0
+    assert wire.release_violations(content, dp=False) == ["'metrics/gradient-norm' has no release class (fedmoe.wire.RELEASES)"]
+    evaluation = wire.encode_evaluate_reply(2, 50, 0.75, 0.6, 2.5)
+    problems = wire.release_violations(evaluation, dp=True)
+    assert len(problems) == 3 and all(p.endswith("is not sent under DP unless dp-site-evaluation=true") for p in problems)
+    assert wire.release_violations(evaluation, dp=True, opted_in=frozenset({"dp-site-evaluation"})) == []
+    status = wire.encode_budget_exhausted(1, 7.5, 8.5)
+    assert wire.release_violations(wire.stamp_model_version(status, 3), dp=True) == []
+    assert wire.release_of(wire.ARRAYS, "any.tensor", True).kind == wire.CHARGED
+    assert wire.release_of(wire.METRICS, "any.tensor", False) is None
+
+
+def test_status_replies_round_trip(model):
+    exhausted = wire.encode_budget_exhausted(4, 7.5, 8.5)
+    with pytest.raises(wire.BudgetExhausted) as raised:
+        wire.decode_train_reply(exhausted, global_arrays(model), 4)
+    assert (raised.value.site, raised.value.epsilon) == (4, 7.5) and "site 4 stopped at epsilon 7.500" in str(raised.value)
+    assert exhausted.config_records[wire.STATUS]["projected-epsilon"] == 8.5
+    miss = wire.stamp_model_version(wire.encode_model_cache_miss(2, 5), 5)
+    assert wire.held_model_version(miss) == 5
+    with pytest.raises(wire.ModelCacheMiss) as raised:
+        wire.decode_evaluate_reply(miss)
+    assert (raised.value.site, raised.value.held) == (2, 5)
+    assert wire.held_model_version(wire.stamp_model_version(reply(model, [1]), 7)) == 7
+    assert wire.held_model_version(reply(model, [1])) is None

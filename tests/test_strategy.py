@@ -1,0 +1,171 @@
+"""The strategies' bookkeeping on hand-made rounds: what each node is sent (sparse downlink), what
+each reply records (versions, lost nodes, budgets, ledgers, load), how site evaluations combine."""
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from fedmoe import wire
+from fedmoe.downlink import WHOLE_MODEL
+from server.strategy import ExpertMatched, FedAvgMoE
+from tests.test_strategy_robustness import CFG, GLOBAL, reply
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+class Grid:
+    """The part of Flower's Grid the strategies use: the connected nodes."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def strategy(cls=ExpertMatched, **kw):
+    return cls(num_experts=CFG.num_experts, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1, **kw)
+
+
+def record():
+    return wire.to_record({k: np.array(v) for k, v in GLOBAL.items()})
+
+
+def evaluate_reply(node, site, n, accuracy, loss, bits=None, version=0):
+    instruction = Message(RecordDict({wire.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                          message_type=MessageType.EVALUATE)
+    content = wire.stamp_model_version(wire.encode_evaluate_reply(site, n, accuracy, loss, bits), version)
+    return Message(content, reply_to=instruction)
+
+
+def holding(msg, version=0):
+    """The reply as a site sends it: saying which model version it holds."""
+    wire.stamp_model_version(msg.content, version)
+    return msg
+
+
+def test_first_messages_carry_the_whole_model_then_only_what_changed():
+    s = strategy()
+    arrays = record()
+    messages = list(s.configure_train(1, arrays, ConfigRecord({wire.RUN_DIR: "/r"}), Grid([1, 2])))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2] and s.sampled[1] == [m.metadata.dst_node_id for m in messages]
+    full = arrays.count_bytes()
+    for m in messages:
+        config = m.content[wire.CONFIG]
+        assert config[wire.BASE_VERSION] == WHOLE_MODEL and config[wire.MODEL_VERSION] == 0 and config[wire.RUN_DIR] == "/r"
+        assert config["server-round"] == 1 and m.content[wire.ARRAYS].count_bytes() == full
+    assert s.round_stats[1].downlink_bytes == 2 * full
+    # node 1 (site 0) replies holding version 0; the round changes expert 1 and the shared tensors only
+    new_arrays, _ = s.aggregate_train(1, [holding(reply(0, "valid", [1], 1))])
+    changed = {k for k in GLOBAL if not np.array_equal(wire.to_numpy(new_arrays)[k], GLOBAL[k])}
+    assert changed == {k for k in GLOBAL if wire.expert_id(k, CFG.num_experts) in (None, 1)}
+    messages = list(s.configure_train(2, new_arrays, ConfigRecord(), Grid([1, 2])))
+    to = {m.metadata.dst_node_id: m for m in messages}
+    assert set(to[1].content[wire.ARRAYS].keys()) == changed and to[1].content[wire.CONFIG][wire.BASE_VERSION] == 0
+    assert to[1].content[wire.CONFIG][wire.MODEL_VERSION] == 1
+    assert set(to[2].content[wire.ARRAYS].keys()) == set(GLOBAL)  # never replied: the whole model again
+    assert s.round_stats[2].downlink_bytes == sum(m.content[wire.ARRAYS].count_bytes() for m in messages)
+    assert s.round_stats[1].lost_nodes == [2]  # sampled, never replied
+
+
+def test_without_sparse_downlink_every_message_is_the_whole_model():
+    s = strategy(sparse_downlink=False)
+    s.versions.heard_from(1, 0)
+    messages = list(s.configure_evaluate(1, record(), ConfigRecord(), Grid([1])))
+    assert set(messages[0].content[wire.ARRAYS].keys()) == set(GLOBAL)
+    assert messages[0].content[wire.CONFIG][wire.BASE_VERSION] == WHOLE_MODEL
+
+
+def test_a_cache_miss_is_recorded_and_the_node_gets_the_whole_model_next():
+    s = strategy()
+    s.versions.heard_from(1, 0)
+    s.global_arrays = dict(GLOBAL)
+    miss = reply(0, "cache-miss", [1], 1)
+    arrays, _ = s.aggregate_train(1, [miss])
+    assert arrays is None and s.round_stats[1].model_cache_misses == [1] and s.round_stats[1].rejected_replies == []
+    assert 1 not in s.versions.node_version
+
+
+def test_round_statistics_lost_nodes_budgets_and_ledgers():
+    s = strategy(round_offset=4)
+    s.global_arrays = dict(GLOBAL)
+    s.sampled[5] = [1, 2, 3, 4]
+    ok = reply(0, "valid", [1, 2], 1)
+    ok.content[wire.PRIVACY] = ConfigRecord({"ledger": '{"site": 0}'})
+    ok.content.metric_records[wire.METRICS][wire.EPSILON] = 2.5
+    second = reply(1, "valid", [2], 1)
+    exhausted = reply(2, "budget-exhausted", [1], 1)
+    replies = [holding(ok), holding(second), holding(exhausted)]
+    _, metrics = s.aggregate_train(1, replies)  # Strategy.start counts from 1: round 5 of the run
+    stats = s.round_stats[5]
+    assert stats.lost_nodes == [4] and stats.replies == 2
+    assert stats.budget_exhausted == {"2": 8.0} and stats.site_epsilon == {"0": 2.5}
+    assert s.ledgers == {"0": '{"site": 0}'}
+    # routed load: site i claims (e + 1)(i + 1) tokens for expert e: [1, 2, 3, 4] + [2, 4, 6, 8]
+    assert stats.expert_load == [3.0, 6.0, 9.0, 12.0]
+    load = np.array([3.0, 6.0, 9.0, 12.0])
+    assert stats.expert_load_cv == pytest.approx(load.std() / load.mean())
+    assert metrics["expert-load-cv"] == pytest.approx(stats.expert_load_cv)
+    assert metrics["uplink-bytes"] == stats.uplink_bytes == sum(stats.site_uplink_bytes.values())
+    assert metrics["rejected-replies"] == 0
+    assert stats.site_update_norm["1"] > 0
+    assert s.versions.node_version == {1: 0, 2: 0, 3: 0}
+
+
+def test_an_error_reply_is_logged_as_rejected():
+    s = strategy()
+    s.global_arrays = dict(GLOBAL)
+    instruction = Message(RecordDict({wire.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=3, message_type=MessageType.TRAIN)
+    crashed = Message(Error(code=0, reason="ClientApp crashed"), reply_to=instruction)
+    arrays, metrics = s.aggregate_train(1, [crashed])
+    assert arrays is None and metrics is None
+    assert s.round_stats[1].rejected_replies == ["node 3: error reply: ClientApp crashed"]
+
+
+def test_site_evaluations_combine_weighted_by_examples():
+    s = strategy()
+    replies = [evaluate_reply(11, 0, 100, 0.5, 1.0, bits=3.0),
+               evaluate_reply(12, 1, 300, 0.9, 0.2, version=2)]
+    metrics = s.aggregate_evaluate(1, replies)
+    assert metrics["accuracy"] == pytest.approx((100 * 0.5 + 300 * 0.9) / 400)
+    assert metrics["loss"] == pytest.approx((100 * 1.0 + 300 * 0.2) / 400)
+    stats = s.round_stats[1]
+    assert stats.site_accuracy == {"0": 0.5, "1": 0.9} and stats.site_loss == {"0": 1.0, "1": 0.2}
+    assert stats.site_bits_per_char == {"0": 3.0}
+    assert s.versions.node_version == {11: 0}  # version 2 is not a version the server made yet
+
+
+def test_invalid_or_failed_evaluations_are_left_out():
+    s = strategy()
+    bad = evaluate_reply(12, 1, 300, 1.5, 0.2)
+    instruction = Message(RecordDict({wire.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=13, message_type=MessageType.EVALUATE)
+    crashed = Message(Error(code=0, reason="boom"), reply_to=instruction)
+    miss = Message(wire.encode_model_cache_miss(2, -1), reply_to=instruction)
+    assert s.aggregate_evaluate(1, [bad, crashed, miss]) is None
+    metrics = s.aggregate_evaluate(2, [bad, evaluate_reply(11, 0, 10, 0.25, 2.0)])
+    assert metrics["accuracy"] == 0.25 and s.round_stats[2].site_accuracy == {"0": 0.25}
+
+
+def test_fedavg_moe_keeps_the_same_records():
+    s = strategy(FedAvgMoE)
+    s.global_arrays = dict(GLOBAL)
+    replies = [reply(i, "valid", list(range(CFG.num_experts)), 1) for i in range(2)]
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert arrays is not None and s.round_stats[1].replies == 2
+    assert s.round_stats[1].active_experts == {"0": [0, 1, 2, 3], "1": [0, 1, 2, 3]}
+    assert metrics["train-loss"] == pytest.approx(0.5)
+
+
+def test_a_reply_without_a_training_loss_leaves_it_out_of_the_metrics():
+    s = strategy()
+    s.global_arrays = dict(GLOBAL)
+    private = reply(0, "valid", [1], 1)
+    del private.content.metric_records[wire.METRICS][wire.TRAIN_LOSS]
+    _, metrics = s.aggregate_train(1, [private])
+    assert "train-loss" not in metrics and np.isnan(s.round_stats[1].train_loss)
