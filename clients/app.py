@@ -172,7 +172,7 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
     else:
         steps_before = ledger.steps
         privacy.train_private(model, TensorDataset(inputs, targets), cfg.batch_size, optimizer, cfg.local_epochs,
-                              ledger, cfg.max_grad_norm, cfg.dp_mode, randomness)
+                              ledger, cfg.max_grad_norm, cfg.dp_mode, randomness, cfg.max_physical_batch_size)
         ledger.close_round(server_round, [count_release, (ledger.noise_multiplier, ledger.sample_rate,
                                                           ledger.steps - steps_before)])
         save_ledger(ledger, context, path)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from .aggregation import RobustRules
 from .model import MoEConfig
+from .server_optimizers import SERVER_OPTIMIZERS, ServerOptimizer
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,12 @@ class RunConfig:
     outlier_min_cosine: float = _key(-1.0, _in_range(-1.0, 1.0), "drop a site's update to an expert whose cosine to the median update is below this (-1: off)")
     outlier_min_contributors: int = _key(3, _at_least(2), "outlier tests run on experts with at least this many updates")
     max_update_norm: float = _key(0.0, _at_least(0.0), "reject a whole reply whose update (all its tensors) has a larger L2 norm (0: off)")
+    # Server optimizer on the aggregated pseudo-gradient (fedmoe.server_optimizers)
+    server_optimizer: str = _key("none", _choice(*SERVER_OPTIMIZERS), "none: the average is the new model; fedavgm, fedadam, fedyogi: Reddi et al. 2021, per tensor")
+    server_learning_rate: float = _key(1.0, _positive, "server step size η")
+    server_momentum: float = _key(0.9, _in_range(0.0, 0.999), "β1: momentum (fedavgm) or first-moment decay (fedadam, fedyogi)")
+    server_beta2: float = _key(0.99, _in_range(0.0, 0.9999), "β2: second-moment decay (fedadam, fedyogi)")
+    server_tau: float = _key(1e-3, _positive, "τ: adaptivity floor of fedadam and fedyogi")
     # Hostile sites, for experiments (fedmoe.attacks)
     attack: str = _key("none", _choice("none", "scale", "sign-flip", "backdoor"), "what the sites in attack-sites do instead of honest training")
     attack_sites: str = _key("", _site_list, "comma-separated partition ids of the attacking sites")
@@ -96,7 +103,9 @@ class RunConfig:
     attack_expert: int = _key(-1, _at_least(-1), "global expert id the scale attack targets (-1: the attacker's least-used expert outside its active set)")
     # Local training
     local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
-    batch_size: int = _key(64, _at_least(1), "expected local batch size")
+    batch_size: int = _key(64, _at_least(1), "expected local batch size (under DP the logical batch of each noisy step)")
+    max_physical_batch_size: int = _key(512, _at_least(0), "under DP, at most this many examples per forward/backward pass "
+                                        "(Opacus' BatchMemoryManager; 0: the whole logical batch at once)")
     learning_rate: float = _key(0.002, _positive, "local optimiser step size")
     learning_rate_decay: float = _key(0.85, _fraction, "client step size in round r is learning-rate * decay^(r-1)")
     optimizer: str = _key("adam", _choice("adam", "sgd"), "local optimiser")
@@ -201,6 +210,12 @@ class RunConfig:
             outlier_mad=self.outlier_mad, outlier_min_cosine=self.outlier_min_cosine,
             min_contributors=self.outlier_min_contributors,
         )
+
+    def server_optimizer_state(self) -> ServerOptimizer | None:
+        if self.server_optimizer == "none":
+            return None
+        return ServerOptimizer(self.server_optimizer, self.server_learning_rate, self.server_momentum,
+                               self.server_beta2, self.server_tau)
 
     def model_config(self) -> MoEConfig:
         return MoEConfig(

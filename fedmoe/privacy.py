@@ -286,16 +286,21 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 def train_private(
     model: torch.nn.Module, dataset: Dataset, batch_size: int, optimizer: torch.optim.Optimizer,
     epochs: int, ledger: PrivacyLedger, max_grad_norm: float, mode: str, generator: torch.Generator,
+    max_physical_batch_size: int = 0,
 ) -> float:
     """DP-SGD on ``model``'s trainable parameters; the accountant starts from the ledger's history
     and the ledger takes the updated history. Returns the mean loss (which stays at the site).
 
-    Poisson sampling at rate 1 / ceil(len(dataset) / batch_size), as the accountant assumes.
+    Poisson sampling at rate 1 / ceil(len(dataset) / batch_size), as the accountant assumes;
+    ``batch_size`` is the expected logical batch, which Opacus' BatchMemoryManager cuts into
+    physical batches of at most ``max_physical_batch_size`` examples (0: no limit) whose clipped
+    gradients it sums before one noisy step, so memory does not limit the batch size.
     ``generator`` (``dp_generator``) draws both the sampling masks (Opacus' Poisson loader takes
     the generator of the loader it wraps) and the noise, which is drawn as Opacus' secure mode
     draws it (a sum of four Gaussians) to blunt floating-point attacks on Gaussian sampling.
     """
     from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     from .training import MoELoss, train_epochs
 
@@ -316,7 +321,12 @@ def train_private(
     # optimizer's own flag selects only the hardened noise sampling
     private_optimizer.secure_mode = True
     try:
-        loss = train_epochs(private_model, private_loader, private_optimizer, epochs, criterion)
+        if max_physical_batch_size > 0:
+            with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=max_physical_batch_size,
+                                    optimizer=private_optimizer) as physical_loader:
+                loss = train_epochs(private_model, physical_loader, private_optimizer, epochs, criterion)
+        else:
+            loss = train_epochs(private_model, private_loader, private_optimizer, epochs, criterion)
     finally:
         private_model._close()  # detach Opacus' hooks; ``model`` holds the trained weights
     ledger.history = [tuple(h) for h in engine.accountant.history]

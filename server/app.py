@@ -44,12 +44,12 @@ def main(grid: Grid, context: Context) -> None:
         model.load_state_dict(checkpoint["model"])
         done = int(checkpoint["round"])
         recorder.keep_rounds_up_to(done)
-        ledgers = dict(checkpoint["strategy"].get("ledgers", {}))
+        strategy_state = checkpoint["strategy"]
         log(INFO, "fedmoe: resuming %s after round %d", recorder.run_dir, done)
     else:
         run_name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-run{context.run_id}"
         recorder = RunRecorder(cfg.results_dir, run_name, cfg.as_run_config(), full_model_bytes, extra)
-        done, ledgers = 0, {}
+        done, strategy_state = 0, {}
     initial_state = model.state_dict()
     recorder.summary.setdefault("starts", []).append({"after_round": done, "model_sha256": state_sha256(initial_state)})
     log(INFO, "fedmoe: run folder %s", recorder.run_dir)
@@ -84,15 +84,16 @@ def main(grid: Grid, context: Context) -> None:
         min_train_nodes=cfg.min_nodes,
         min_evaluate_nodes=cfg.min_nodes if fraction_evaluate > 0 else 0,
         min_available_nodes=cfg.min_nodes,
+        server_optimizer=cfg.server_optimizer_state(),
     )
-    strategy.ledgers.update(ledgers)
+    strategy.load_state(strategy_state)
 
     def central_evaluate(server_round: int, arrays) -> MetricRecord:
         model.load_state_dict(wire.to_state_dict(arrays))
         loss, accuracy = evaluate(model, test_inputs, test_targets)
         if server_round > 0:
             server_round += done
-            recorder.checkpoint(server_round, model.state_dict(), {"ledgers": strategy.ledgers})
+            recorder.checkpoint(server_round, model.state_dict(), strategy.state())
             stats = strategy.round_stats.get(server_round, RoundStats())
             row = {"round": server_round, "accuracy": accuracy, "loss": loss, **dataclasses.asdict(stats)}
             if bits_per_char_per_nat is not None:

@@ -9,6 +9,8 @@ With x_i the tensors site i sent, n_i its examples and c_ie the tokens it routed
         shared tensors   x   <- sum_i n_i x_i / sum_i n_i
         expert e         x_e <- sum_{i in R_e} c_ie x_ie / sum_{i in R_e} c_ie,  R_e = sites that sent e
         untrained expert x_e unchanged, bit for bit
+    then, with server-optimizer set, each tensor some site sent moves along x̄ - x by FedAvgM,
+    FedAdam or FedYogi (fedmoe.server_optimizers); the others stay bit-identical
 
 With sparse downlink (fedmoe.downlink) each node is sent only the tensors that changed since
 the model version it last reported holding; a node the server knows nothing of gets the whole model.
@@ -32,6 +34,7 @@ from flwr.supercore import log
 from fedmoe import wire
 from fedmoe.aggregation import RobustRules, SiteUpdate, expert_matched_average, load_coefficient_of_variation
 from fedmoe.downlink import WHOLE_MODEL, ModelVersions
+from fedmoe.server_optimizers import ServerOptimizer
 
 
 @dataclass
@@ -74,15 +77,19 @@ class FedAvgMoE(FedAvg):
         Send each node only the tensors changed since the model version it holds.
     max_update_norm : float
         Reject a reply whose whole update has a larger L2 norm (0: no bound).
+    server_optimizer : ServerOptimizer | None
+        Moves the average along its pseudo-gradient (fedmoe.server_optimizers); None: the
+        average is the new model.
     **kwargs
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
 
     def __init__(self, num_experts: int, round_offset: int = 0, sparse_downlink: bool = True,
-                 max_update_norm: float = 0.0, **kwargs) -> None:
+                 max_update_norm: float = 0.0, server_optimizer: ServerOptimizer | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_experts = num_experts
         self.max_update_norm = max_update_norm
+        self.server_optimizer = server_optimizer
         self.round_offset = round_offset
         self.sparse_downlink = sparse_downlink
         self.versions = ModelVersions(round_offset)
@@ -90,6 +97,19 @@ class FedAvgMoE(FedAvg):
         self.global_arrays: dict[str, np.ndarray] = {}
         self.round_stats: dict[int, RoundStats] = {}
         self.ledgers: dict[str, str] = {}  # site -> its newest privacy ledger (JSON)
+
+    def state(self) -> dict:
+        """What a resumed run needs of the strategy (checkpointed with the model; tensors only,
+        so the checkpoint loads with weights_only)."""
+        state = {"ledgers": dict(self.ledgers)}
+        if self.server_optimizer is not None:
+            state["server_optimizer"] = self.server_optimizer.state()
+        return state
+
+    def load_state(self, state: dict) -> None:
+        self.ledgers.update(state.get("ledgers", {}))
+        if self.server_optimizer is not None and "server_optimizer" in state:
+            self.server_optimizer.load_state(state["server_optimizer"])
 
     def _stats(self, server_round: int) -> RoundStats:
         return self.round_stats.setdefault(server_round, RoundStats())
@@ -179,6 +199,9 @@ class FedAvgMoE(FedAvg):
             log(WARNING, "round %d: no valid train replies; global model unchanged", server_round)
             return None, None
         new_arrays = self.average(server_round, decoded)
+        if self.server_optimizer is not None:  # moves only the tensors some site sent
+            sent = {key for _, reply in decoded for key in reply.arrays}
+            new_arrays = wire.to_record(self.server_optimizer.step(self.global_arrays, wire.to_numpy(new_arrays), sent))
         self.versions.record_update(self.global_arrays, wire.to_numpy(new_arrays), server_round)
         valid = [reply for _, reply in decoded]
         load = np.sum([r.expert_counts for r in valid], axis=0)

@@ -188,3 +188,25 @@ def test_dp_generators_are_secret_unless_seeded():
 def test_infinite_target_means_no_noise():
     assert privacy.plan_noise_multiplier(math.inf, 1e-5, 0.1, 100) == 0.0
     assert privacy.epsilon_of([(0.0, 0.1, 10)], 1e-5) == math.inf
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_physical_batches_give_the_same_step_as_one_logical_batch(mode):
+    """BatchMemoryManager cuts each Poisson batch into physical ones and takes one noisy step
+    per logical batch: the same masks and noise (same generator seed) give the same model and
+    the same accountant history as the whole batch at once."""
+    data = TensorDataset(torch.randn(96, 1, 28, 28), torch.randint(0, 10, (96,)))
+    results = []
+    for physical in (0, 7):
+        torch.manual_seed(0)
+        model = MoEClassifier(dataclasses.replace(CFG, router_noise=0.0))
+        freeze_inactive_experts(model, [2])
+        ledger = privacy.PrivacyLedger(site=0, target_epsilon=50.0, delta=1e-5, noise_multiplier=0.8,
+                                       count_noise_multiplier=20.0, sample_rate=1 / 3)
+        privacy.train_private(model, data, 32, torch.optim.SGD(model.parameters(), lr=0.5), 2, ledger, 1.0, mode,
+                              privacy.dp_generator(11), max_physical_batch_size=physical)
+        results.append((model.state_dict(), ledger.history))
+    (whole, history), (split, split_history) = results
+    assert history == split_history == [(0.8, 1 / 3, 6)]
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], rtol=1e-4, atol=1e-5, msg=key)
