@@ -24,6 +24,8 @@ from torch.utils.data import TensorDataset
 
 from fedmoe import attacks, downlink, tasks, wire
 from fedmoe.config import RunConfig
+from fedmoe.personalization import personal_keys
+from fedmoe.results import atomic_torch_save
 from fedmoe.selection import select_active_experts
 from fedmoe.training import (
     evaluate as evaluate_model,
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
 
 app = ClientApp()
 LEDGER_STATE = "privacy-ledger"
+LEDGER_FILE = "privacy_ledger.json"
+PERSONAL_STATE = "personal-parts"
+PERSONAL_FILE = "personal.pt"
 MODEL_CACHE = "model-cache"  # the global model the site holds (fedmoe.downlink)
 MODEL_CACHE_VERSION = "model-cache-version"
 
@@ -57,6 +62,7 @@ def answer(msg: Message, context: Context, handler) -> Message:
         version = receive_model(msg, context, model)
     except downlink.CacheMiss as miss:
         return Message(wire.encode_model_cache_miss(site, miss.held), reply_to=msg)
+    restore_personal(cfg, context, model, state_folder(msg, context, site))
     data = tasks.site_data(cfg, site, int(context.node_config["num-partitions"]))
     content = wire.stamp_model_version(handler(msg, context, cfg, site, model, data), version)
     opted_in = frozenset({"dp-site-evaluation"} if cfg.dp_site_evaluation else ())
@@ -83,11 +89,29 @@ def receive_model(msg: Message, context: Context, model: nn.Module) -> int:
     return version
 
 
-def ledger_path(msg: Message, context: Context, site: int) -> Path:
+def state_folder(msg: Message, context: Context, site: int) -> Path:
+    """Where the site keeps what must survive a restart in this run: its privacy ledger and its
+    personal parts (``<state-dir>/<run name>``, default ``<run folder>/sites/site-<id>``)."""
     run_dir = Path(str(msg.content[wire.CONFIG][wire.RUN_DIR]))
     state_dir = context.node_config.get("state-dir")
-    folder = Path(str(state_dir)) / run_dir.name if state_dir else run_dir / "sites" / f"site-{site}"
-    return folder / "privacy_ledger.json"
+    return Path(str(state_dir)) / run_dir.name if state_dir else run_dir / "sites" / f"site-{site}"
+
+
+def restore_personal(cfg: RunConfig, context: Context, model: nn.Module, folder: Path) -> None:
+    """Put the site's personal parts (fedmoe.personalization) over the global ones: from
+    Context.state, or after a restart from its state folder; in its first round it starts from
+    the global values."""
+    if not personal_keys(model.state_dict(), cfg.personalize):
+        return
+    if PERSONAL_STATE in context.state:
+        model.load_state_dict(wire.to_state_dict(context.state[PERSONAL_STATE]), strict=False)
+    elif (folder / PERSONAL_FILE).exists():
+        model.load_state_dict(torch.load(folder / PERSONAL_FILE, weights_only=True), strict=False)
+
+
+def keep_personal(context: Context, folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    context.state[PERSONAL_STATE] = wire.to_record(tensors)
+    atomic_torch_save(folder / PERSONAL_FILE, tensors)
 
 
 def load_ledger(cfg: RunConfig, context: Context, path: Path, site: int, num_examples: int) -> privacy.PrivacyLedger:
@@ -148,7 +172,7 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
         from fedmoe import privacy
 
         randomness = privacy.dp_generator(seed if cfg.dp_reproducible_noise else None)
-        path = ledger_path(msg, context, site)
+        path = state_folder(msg, context, site) / LEDGER_FILE
         ledger = load_ledger(cfg, context, path, site, len(targets))
         ledger.reproducible_noise |= cfg.dp_reproducible_noise
         count_release = (cfg.count_noise_multiplier, 1.0, 1)
@@ -177,7 +201,11 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
                                                           ledger.steps - steps_before)])
         save_ledger(ledger, context, path)
         loss = None  # computed on private examples and charged to nothing: it stays here
-    return wire.encode_train_reply(trained_state(model), site, len(targets), active, counts, loss, ledger)
+    trained = trained_state(model)
+    personal = {key: trained.pop(key) for key in personal_keys(trained, cfg.personalize)}
+    if personal:
+        keep_personal(context, state_folder(msg, context, site), personal)
+    return wire.encode_train_reply(trained, site, len(targets), active, counts, loss, ledger)
 
 
 def evaluate_site(msg: Message, context: Context, cfg: RunConfig, site: int, model: nn.Module, data) -> RecordDict:

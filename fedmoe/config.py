@@ -62,6 +62,16 @@ def _site_list(value: str) -> str | None:
     return None if all(s >= 0 for s in sites) else "partition ids must be >= 0"
 
 
+def _personal_parts(value: str) -> str | None:
+    from .personalization import parse_parts
+
+    try:
+        parse_parts(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _open_fraction(value: float) -> str | None:
     return None if 0.0 < value < 1.0 else "must be in (0, 1)"
 
@@ -101,6 +111,8 @@ class RunConfig:
     attack_scale: float = _key(10.0, _positive, "factor on an attacker's update (scale, backdoor) or its negation (sign-flip)")
     attack_target_label: int = _key(0, _in_range(0, 9), "label a backdoor trigger should produce")
     attack_expert: int = _key(-1, _at_least(-1), "global expert id the scale attack targets (-1: the attacker's least-used expert outside its active set)")
+    # Personal parts each site keeps and never sends (fedmoe.personalization)
+    personalize: str = _key("none", _personal_parts, "none, or parts each site keeps for itself: head, router (comma-separated)")
     # Local training
     local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
     batch_size: int = _key(64, _at_least(1), "expected local batch size (under DP the logical batch of each noisy step)")

@@ -96,7 +96,7 @@ def end_status(rounds: list[dict[str, Any]]) -> tuple[str, str | None]:
 class RunRecorder:
     """Collects per-round rows, prints the console table and keeps summary.json current."""
 
-    HEADER = f"{'round':>5} {'acc':>7} {'loss':>7} {'up MB':>9} {'down MB':>9} {'load CV':>7} {'eps max':>7} {'eps mean':>8}  experts per site"
+    HEADER = f"{'round':>5} {'acc':>7} {'loss':>7} {'site acc':>8} {'up MB':>9} {'down MB':>9} {'load CV':>7} {'eps max':>7} {'eps mean':>8}  experts per site"
 
     def __init__(self, results_dir: str | Path, run_name: str, config: dict[str, Any], full_model_bytes: int,
                  extra: dict[str, Any] | None = None, resume: bool = False) -> None:
@@ -136,9 +136,11 @@ class RunRecorder:
         row["epsilon_max"] = max(eps) if eps else None
         row["epsilon_mean"] = sum(eps) / len(eps) if eps else None
         eps_cols = f"{max(eps):>7.3f} {row['epsilon_mean']:>8.3f}" if eps else f"{'-':>7} {'-':>8}"
+        site_acc = list(row.get("site_accuracy", {}).values())
+        site_col = f"{sum(site_acc) / len(site_acc):>8.4f}" if site_acc else f"{'-':>8}"
         skipped = f" (budget exhausted: {','.join(sorted(row['budget_exhausted']))})" if row.get("budget_exhausted") else ""
         print(
-            f"{row['round']:>5} {row['accuracy']:>7.4f} {row['loss']:>7.4f} {_mb(row['uplink_bytes']):>9} "
+            f"{row['round']:>5} {row['accuracy']:>7.4f} {row['loss']:>7.4f} {site_col} {_mb(row['uplink_bytes']):>9} "
             f"{_mb(row['downlink_bytes']):>9} {row['expert_load_cv']:>7.3f} {eps_cols}  "
             f"{_format_experts(row['active_experts'])}{skipped}",
             flush=True,

@@ -198,11 +198,13 @@ def raise_for_status(content: RecordDict) -> None:
 
 
 def decode_train_reply(
-    content: RecordDict, global_arrays: Mapping[str, np.ndarray], num_experts: int, max_update_norm: float = 0.0
+    content: RecordDict, global_arrays: Mapping[str, np.ndarray], num_experts: int, max_update_norm: float = 0.0,
+    personal: frozenset[str] = frozenset(),
 ) -> TrainReply:
     """Parse and validate a train reply against the current global model; raise InvalidReply
     (or BudgetExhausted / ModelCacheMiss for a site that did not train). With max_update_norm > 0,
-    a reply whose update (all its tensors minus the global ones) has a larger L2 norm is invalid."""
+    a reply whose update (all its tensors minus the global ones) has a larger L2 norm is invalid.
+    Tensors in ``personal`` (fedmoe.personalization) stay at the sites: a reply carrying one is invalid."""
     raise_for_status(content)
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         raise InvalidReply(f"reply lacks the '{ARRAYS}' ArrayRecord or the '{METRICS}' MetricRecord")
@@ -230,6 +232,8 @@ def decode_train_reply(
     for key, array in record.items():
         if key not in global_arrays:
             raise InvalidReply(f"unknown tensor '{key}'")
+        if key in personal:
+            raise InvalidReply(f"tensor '{key}' is a personal part (personalize): sites keep it")
         value = array_to_numpy(array)
         reference = global_arrays[key]
         if value.shape != reference.shape or value.dtype != reference.dtype:
@@ -241,7 +245,7 @@ def decode_train_reply(
         arrays[key] = value
 
     active_set = set(active)
-    expected = {k for k in global_arrays if expert_id(k, num_experts) in active_set | {None}}
+    expected = {k for k in global_arrays if expert_id(k, num_experts) in active_set | {None}} - personal
     if set(arrays) != expected:
         missing = sorted(expected - set(arrays))[:3]
         extra = sorted(set(arrays) - expected)[:3]

@@ -15,6 +15,7 @@ from flwr.supercore import log
 
 from fedmoe import tasks, wire
 from fedmoe.config import RunConfig
+from fedmoe.personalization import personal_keys
 from fedmoe.plots import plot_utilisation, utilisation_panels
 from fedmoe.results import RunRecorder, end_status, rounds_without_updates, state_sha256
 from fedmoe.training import evaluate
@@ -85,6 +86,7 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=cfg.min_nodes if fraction_evaluate > 0 else 0,
         min_available_nodes=cfg.min_nodes,
         server_optimizer=cfg.server_optimizer_state(),
+        personal=personal_keys(initial_state, cfg.personalize),
     )
     strategy.load_state(strategy_state)
 

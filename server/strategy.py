@@ -80,13 +80,17 @@ class FedAvgMoE(FedAvg):
     server_optimizer : ServerOptimizer | None
         Moves the average along its pseudo-gradient (fedmoe.server_optimizers); None: the
         average is the new model.
+    personal : frozenset[str]
+        Tensors the sites keep (fedmoe.personalization): never in a valid reply, never aggregated.
     **kwargs
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
 
     def __init__(self, num_experts: int, round_offset: int = 0, sparse_downlink: bool = True,
-                 max_update_norm: float = 0.0, server_optimizer: ServerOptimizer | None = None, **kwargs) -> None:
+                 max_update_norm: float = 0.0, server_optimizer: ServerOptimizer | None = None,
+                 personal: frozenset[str] = frozenset(), **kwargs) -> None:
         super().__init__(**kwargs)
+        self.personal = personal
         self.num_experts = num_experts
         self.max_update_norm = max_update_norm
         self.server_optimizer = server_optimizer
@@ -172,7 +176,8 @@ class FedAvgMoE(FedAvg):
                 continue
             else:
                 try:
-                    valid.append((msg, wire.decode_train_reply(msg.content, self.global_arrays, self.num_experts, self.max_update_norm)))
+                    valid.append((msg, wire.decode_train_reply(msg.content, self.global_arrays, self.num_experts,
+                                                               self.max_update_norm, self.personal)))
                     continue
                 except wire.BudgetExhausted as exc:
                     log(INFO, "round %d: %s", server_round, exc)
@@ -230,9 +235,10 @@ class FedAvgMoE(FedAvg):
         return new_arrays, metrics
 
     def average(self, server_round: int, decoded: list[tuple[Message, wire.TrainReply]]) -> ArrayRecord:
-        """Flower's FedAvg over the valid replies (each holds the whole model)."""
+        """Flower's FedAvg over the valid replies (each holds the whole model but the personal parts,
+        which keep their global values)."""
         arrays, _ = super().aggregate_train(server_round, [msg for msg, _ in decoded])
-        return arrays
+        return wire.to_record({**self.global_arrays, **wire.to_numpy(arrays)})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset

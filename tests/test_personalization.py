@@ -1,0 +1,79 @@
+"""Personal parts (fedmoe.personalization): which tensors they are, that they never leave a site,
+that the server neither expects nor aggregates them, and that a restarted site gets them back."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import MessageType
+
+from clients.app import PERSONAL_FILE, app as client_app
+from fedmoe import personalization, wire
+from fedmoe.charlm import CharLMConfig, CharMoETransformer
+from fedmoe.config import ConfigError, RunConfig
+from fedmoe.model import MoEClassifier, MoEConfig
+from fedmoe.training import evaluate
+from server.strategy import ExpertMatched
+from tests.sites import context, global_model, message, needs_fmnist, reply_arrays, run_config, server_identity  # noqa: F401
+from tests.test_strategy_robustness import CFG, GLOBAL, reply
+
+
+def test_parts_name_the_head_and_the_routers():
+    image = MoEClassifier(MoEConfig(num_moe_layers=2)).state_dict()
+    assert personalization.personal_keys(image, "head") == {"head.weight", "head.bias"}
+    assert personalization.personal_keys(image, "router") == {"moe_layers.0.router.weight", "moe_layers.1.router.weight"}
+    assert personalization.personal_keys(image, "head,router") == {"head.weight", "head.bias", "moe_layers.0.router.weight",
+                                                                   "moe_layers.1.router.weight"}
+    assert personalization.personal_keys(image, "none") == frozenset()
+    text = CharMoETransformer(CharLMConfig(num_moe_layers=1)).state_dict()
+    assert personalization.personal_keys(text, "head") == {"head.weight", "head.bias"}
+    with pytest.raises(ConfigError, match="run config 'personalize': unknown personal parts \\['experts'\\]"):
+        RunConfig.from_run_config({"personalize": "head,experts"})
+
+
+def test_the_server_rejects_a_reply_carrying_a_personal_part_and_keeps_the_global_one():
+    personal = frozenset({"head.weight", "head.bias"})
+    with pytest.raises(wire.InvalidReply, match="tensor 'head.(weight|bias)' is a personal part"):
+        wire.decode_train_reply(reply(0, "valid", [1], 1).content, GLOBAL, CFG.num_experts, personal=personal)
+    s = ExpertMatched(num_experts=CFG.num_experts, personal=personal)
+    s.global_arrays = dict(GLOBAL)
+    replies = []
+    for site in (0, 1):
+        msg = reply(site, "valid", [1], 1)
+        for key in personal:
+            del msg.content.array_records[wire.ARRAYS][key]
+        replies.append(msg)
+    arrays, _ = s.aggregate_train(1, replies)
+    got = wire.to_numpy(arrays)
+    assert s.round_stats[1].replies == 2
+    assert all(got[k].tobytes() == GLOBAL[k].tobytes() for k in personal)
+    assert not np.array_equal(got["embed.weight"], GLOBAL["embed.weight"])
+
+
+@needs_fmnist
+def test_personal_parts_never_leave_the_site_and_survive_a_restart(tmp_path):
+    cfg = run_config({"dp": True, "num-server-rounds": 3, "max-examples-per-site": 200, "d-model": 16,
+                      "expert-hidden": 16, "batch-size": 32, "noise-multiplier": 1.0, "target-epsilon": 100.0,
+                      "personalize": "head", "dp-site-evaluation": True})
+    model = global_model(cfg)
+    state = tmp_path / "site"
+    sent = reply_arrays(client_app(message(model, 1, tmp_path / "run"), context(cfg, state)))
+    assert not any(k.startswith("head.") for k in sent) and "embed.weight" in sent
+    saved = torch.load(state / "run" / PERSONAL_FILE, weights_only=True)
+    assert set(saved) == {"head.weight", "head.bias"}
+    assert not torch.equal(saved["head.weight"], model.state_dict()["head.weight"])  # trained (with DP-SGD)
+    # the node restarts (empty Context.state): its evaluation uses the head it kept
+    restarted = context(cfg, state)
+    metrics = client_app(message(model, 1, tmp_path / "run", MessageType.EVALUATE), restarted).content.metric_records[wire.METRICS]
+    from fedmoe import tasks
+
+    _, _, test_inputs, test_targets = tasks.site_data(RunConfig.from_run_config(cfg), 0, 3)
+    own = global_model(cfg)
+    own.load_state_dict(saved, strict=False)
+    loss, accuracy = evaluate(own, test_inputs, test_targets)
+    assert metrics[wire.EVAL_ACCURACY] == accuracy and metrics[wire.EVAL_LOSS] == pytest.approx(loss, rel=1e-6)
+    generic_loss, _ = evaluate(global_model(cfg), test_inputs, test_targets)
+    assert generic_loss != pytest.approx(loss, rel=1e-6)
+    # and trains on from it: round 2's kept head moved on from round 1's
+    client_app(message(model, 2, tmp_path / "run"), restarted)
+    again = torch.load(state / "run" / PERSONAL_FILE, weights_only=True)
+    assert not torch.equal(again["head.weight"], saved["head.weight"])
