@@ -216,3 +216,80 @@ def test_the_undefended_mean_is_hurt_and_the_defence_helps(attack, scale, defenc
     # spread: the farthest an honest site's update lies from the honest mean
     assert undefended > 2 * spread  # the attack moved the model far off the honest mean
     assert defended < min(undefended / 3, spread)  # the defence took most of it back
+
+
+# --- edges of the weights and of the robust rules (each pins one decision) ----------------------
+
+def test_weights_summing_below_one_are_still_weights():
+    np.testing.assert_allclose(weighted_mean([np.array([0.0]), np.array([4.0])], [0.2, 0.6]), [3.0])
+    with pytest.raises(ValueError, match="^2 arrays but 3 weights$"):
+        weighted_mean([np.zeros(1), np.zeros(1)], [1.0, 1.0, 1.0])
+
+
+def test_expert_weights_below_one_missing_or_negative():
+    a = SiteUpdate({"expert/0": np.array([0.0], np.float32)}, 1, {0: 0.25})
+    b = SiteUpdate({"expert/0": np.array([4.0], np.float32)}, 1, {0: 0.75})
+    np.testing.assert_allclose(expert_matched_average(GLOBAL, [a, b], expert_of)["expert/0"], [3.0])
+    # a reply without a weight for an expert it sent, or with a negative one, weighs nothing
+    c = SiteUpdate({"expert/0": np.array([100.0], np.float32)}, 1, {})
+    d = SiteUpdate({"expert/0": np.array([100.0], np.float32)}, 1, {0: -5.0})
+    np.testing.assert_allclose(expert_matched_average(GLOBAL, [a, b, c, d], expert_of)["expert/0"], [3.0])
+    out = expert_matched_average(GLOBAL, [a, b, c, d], expert_of, RobustRules(update_norm_bound=1e6))
+    np.testing.assert_allclose(out["expert/0"], [3.0], rtol=1e-6)
+
+
+def test_robust_rules_work_on_updates_relative_to_a_nonzero_global_model():
+    start = {**ZERO, "expert/1": np.array([10.0, -10.0], np.float32)}
+    updates = [SiteUpdate({"expert/1": np.array(v, np.float32)}, 1, {1: 1.0}, site=i)
+               for i, v in enumerate([[13.0, -6.0], [10.3, -9.6]])]  # updates (3, 4) and (0.3, 0.4)
+    out = expert_matched_average(start, updates, expert_of, RobustRules(update_norm_bound=1.0))
+    np.testing.assert_allclose(out["expert/1"], [10.45, -9.4], rtol=1e-6)  # 10 + (0.6 + 0.3) / 2, -10 + (0.8 + 0.4) / 2
+    assert out["expert/1"].dtype == np.float32
+
+
+def test_clipping_small_updates():
+    out, _ = robust(expert_updates([[0.3, 0.4], [0.0, 0.0]]), update_norm_bound=0.25)
+    np.testing.assert_allclose(out["expert/1"], [0.075, 0.1], rtol=1e-6)  # (0.15, 0.2) and 0, halved
+
+
+def test_norm_outliers_are_reported_with_their_modified_z_score():
+    _, dropped = robust(expert_updates([[1, 0], [2, 0], [1.5, 0], [60, 0]]), outlier_mad=3.5)
+    # median 1.75, MAD median(|-0.75|, |0.25|, |-0.25|, |58.25|) = 0.5, z = 0.6745 * 58.25 / 0.5
+    assert dropped == ["site 3: expert 1: update norm 60, median 1.75 (modified z-score 78.6 > 3.5)"]
+    _, dropped = robust(expert_updates([[1, 0], [2, 0], [3, 0]]), outlier_mad=0.6745)  # z(3) = 0.6745: not above
+    assert dropped == []
+    _, dropped = robust(expert_updates([[1, 0], [2, 0], [3, 0]]), outlier_mad=0.5)  # a threshold below 1
+    assert [d.split(":")[0] for d in dropped] == ["site 2"]
+
+
+def test_a_zero_mad_still_flags_a_deviating_update():
+    _, dropped = robust(expert_updates([[4, 0], [4, 0], [4, 0], [9, 0]]), outlier_mad=3.5)
+    assert [d.split(":")[0] for d in dropped] == ["site 3"]
+
+
+def test_direction_outliers_are_reported_with_their_cosine():
+    shared = [SiteUpdate({"trunk": np.array(v, np.float32)}, 1, site=i) for i, v in enumerate([[1, 1], [1, 0.9], [-1, -1.1]])]
+    out, dropped = robust(shared, outlier_min_cosine=0.0)
+    # the median update is (1, 0.9); site 2's cosine to it: -(1 + 0.99) / (|(1, 1.1)| |(1, 0.9)|)
+    cosine = -(1 + 0.99) / (np.hypot(1, 1.1) * np.hypot(1, 0.9))
+    assert dropped == [f"site 2: shared tensors: cosine {cosine:.3f} to the median update < 0.0"]
+    np.testing.assert_allclose(out["trunk"], [1.0, 0.95], rtol=1e-6)
+
+
+def test_the_cosine_test_on_small_updates_and_at_its_boundary():
+    _, dropped = robust(expert_updates([[0.01, 0.01], [0.01, 0.009], [-0.01, -0.011]]), outlier_min_cosine=0.0)
+    assert [d.split(":")[0] for d in dropped] == ["site 2"]  # small norms are still directions
+    _, dropped = robust(expert_updates([[1, 0], [1, 0], [0, 1]]), outlier_min_cosine=0.0)
+    assert dropped == []  # cosine exactly 0 is not below 0
+    _, dropped = robust(expert_updates([[1, 0], [-1, 0], [0, 0]]), outlier_min_cosine=0.5)
+    assert dropped == []  # the median update is zero: no direction to compare with
+
+
+def test_weights_below_one_in_the_robust_mean():
+    out, _ = robust(expert_updates([[0, 0], [4, 0]], counts=[0.2, 0.6]), update_norm_bound=100.0)
+    np.testing.assert_allclose(out["expert/1"], [3.0, 0], rtol=1e-6)
+
+
+def test_trimmed_mean_never_cuts_every_value():
+    out, _ = robust(expert_updates([[1, 0], [3, 0]]), rule="trimmed-mean", trim_fraction=0.5)
+    np.testing.assert_allclose(out["expert/1"], [2, 0])

@@ -47,3 +47,12 @@ def test_site_completes_a_sparse_message_from_a_copy_at_or_after_the_base():
         complete(arrays(a=1), 2, cached, 1)  # copy older than the base: would miss changes
     with pytest.raises(CacheMiss):
         complete(arrays(a=1), 2, None, WHOLE_MODEL)  # restarted site without a copy
+
+
+def test_a_cache_miss_says_what_the_site_holds():
+    with pytest.raises(CacheMiss, match="^holds model version 2, the message completes version 3 onwards$") as miss:
+        complete(arrays(a=1), 3, arrays(a=0), 2)
+    assert miss.value.held == 2
+    with pytest.raises(CacheMiss, match="^holds model version -1, the message completes version 0 onwards$") as miss:
+        complete(arrays(a=1), 0, None, 5)
+    assert miss.value.held == WHOLE_MODEL

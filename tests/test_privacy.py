@@ -210,3 +210,94 @@ def test_physical_batches_give_the_same_step_as_one_logical_batch(mode):
     assert history == split_history == [(0.8, 1 / 3, 6)]
     for key in whole:
         torch.testing.assert_close(split[key], whole[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+# --- decisions the accounting and the mechanism rest on -----------------------------------------
+
+def test_epsilon_of_nothing_is_zero_and_of_noiseless_steps_infinite():
+    assert privacy.epsilon_of([], 1e-5) == 0.0
+    assert privacy.epsilon_of([(1.0, 0.1, 10)], 1e-5) < math.inf
+    assert privacy.steps_per_epoch(100, 32) == 4 and privacy.steps_per_epoch(96, 32) == 3
+    assert privacy.steps_per_epoch(0, 32) == 1 and privacy.steps_per_epoch(5, 64) == 1
+
+
+def test_planning_small_targets_and_large_noise():
+    sigma = privacy.plan_noise_multiplier(0.5, 1e-5, 0.1, 1000)  # needs far more than sigma 2
+    assert sigma > 4
+    assert 0.49 <= privacy.epsilon_of([(sigma, 0.1, 1000)], 1e-5) <= 0.5
+    floor = privacy.epsilon_of([(1.0, 1.0, 100)], 1e-5)
+    with pytest.raises(ValueError, match=f"^target-epsilon {floor} is spent by the 100 count releases alone"):
+        privacy.plan_noise_multiplier(floor, 1e-5, 0.02, 500, count_releases=100, count_noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="^target-epsilon 1e-06 is unreachable for 100000 steps$"):
+        privacy.plan_noise_multiplier(1e-6, 1e-5, 1.0, 100000)
+
+
+def test_count_noise_comes_from_the_given_generator_in_float64():
+    counts = np.array([10.0, 20.0, 30.0, 40.0])
+    released = privacy.release_counts(counts, 2.0, 3.0, torch.Generator().manual_seed(5))
+    noise = torch.randn(4, generator=torch.Generator().manual_seed(5), dtype=torch.float64).numpy()
+    np.testing.assert_array_equal(released, np.clip(counts + noise * 6.0, 0.0, None))
+
+
+def test_a_ledger_written_without_its_epsilon_still_loads():
+    ledger = privacy.PrivacyLedger(site=1, target_epsilon=2.0, delta=1e-5, noise_multiplier=1.0,
+                                   count_noise_multiplier=20.0, sample_rate=0.5)
+    document = json.loads(ledger.to_json())
+    del document["epsilon"]
+    assert privacy.PrivacyLedger.from_json(json.dumps(document)) == ledger
+
+
+def test_empty_charges_are_not_recorded():
+    assert privacy.merge_history([(1.0, 0.5, 2)], [(3.0, 0.5, 0)]) == [(1.0, 0.5, 2)]
+
+
+def one_step_update(mode, sigma, max_grad_norm, generator, n=40):
+    """One DP-SGD step over every example (q = 1) with plain SGD at lr 1: the update is the
+    (noised) mean of the clipped per-sample gradients."""
+    torch.manual_seed(0)
+    model = MoEClassifier(dataclasses.replace(CFG, router_noise=0.0))
+    freeze_inactive_experts(model, [1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    data = TensorDataset(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,)))
+    ledger = privacy.PrivacyLedger(site=0, target_epsilon=math.inf, delta=1e-5, noise_multiplier=sigma,
+                                   count_noise_multiplier=20.0, sample_rate=1.0)
+    privacy.train_private(model, data, n, torch.optim.SGD(model.parameters(), lr=1.0), 1, ledger, max_grad_norm, mode,
+                          generator)
+    after = model.state_dict()
+    return torch.sqrt(sum((after[k] - before[k]).pow(2).sum() for k in before)), ledger
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_every_per_sample_gradient_is_clipped(mode):
+    """Without noise, one step over n examples moves the model by the mean of n gradients each
+    clipped to C: at most C (the unclipped gradients are far larger than the tiny C here)."""
+    norm, ledger = one_step_update(mode, 0.0, 1e-3, privacy.dp_generator())
+    assert 0 < float(norm) <= 1e-3 * (1 + 1e-4)
+    assert ledger.history == [(0.0, 1.0, 1)]
+    unclipped, _ = one_step_update(mode, 0.0, 1e6, privacy.dp_generator())
+    assert float(unclipped) > 100 * 1e-3
+
+
+def test_the_noise_is_drawn_from_the_sites_generator_not_the_global_one():
+    torch.manual_seed(1)  # whatever the global generator holds, the same site generator gives the same step
+    first, _ = one_step_update("ghost", 1.0, 1.0, privacy.dp_generator(99))
+    torch.manual_seed(2)
+    second, _ = one_step_update("ghost", 1.0, 1.0, privacy.dp_generator(99))
+    third, _ = one_step_update("ghost", 1.0, 1.0, privacy.dp_generator(100))
+    assert float(first) == float(second) and float(first) != float(third)
+
+
+def test_batches_are_poisson_sampled():
+    """Opacus' Poisson loader: every example joins each batch independently, so batch sizes vary."""
+    torch.manual_seed(0)
+    model = MoEClassifier(CFG)
+    freeze_inactive_experts(model, [1])
+    sizes = []
+    model.embed.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    ledger = privacy.PrivacyLedger(site=0, target_epsilon=math.inf, delta=1e-5, noise_multiplier=1.0,
+                                   count_noise_multiplier=20.0, sample_rate=0.25)
+    data = TensorDataset(torch.randn(200, 1, 28, 28), torch.randint(0, 10, (200,)))
+    privacy.train_private(model, data, 50, torch.optim.SGD(model.parameters(), lr=0.1), 3, ledger, 1.0, "hooks",
+                          privacy.dp_generator())
+    assert len(sizes) == 12 and len(set(sizes)) > 3 and sizes != [50] * 12

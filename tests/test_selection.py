@@ -24,3 +24,17 @@ def test_per_layer_global_ids():
 def test_rejects_ragged_counts():
     with pytest.raises(ValueError):
         select_active_experts(np.ones(5), 4, 0.1, 1)
+
+
+def test_boundaries_of_the_share_and_of_a_single_token():
+    # shares 0.25, 0.25, 0.5: an expert at exactly the threshold is active
+    assert select_active_experts(np.array([1, 1, 2, 0]), 4, min_share=0.25, top_m=0) == [0, 1, 2]
+    # an expert one token routed to is used; one with none is not, whatever the threshold
+    assert select_active_experts(np.array([2, 1, 1, 0]), 4, min_share=0.0, top_m=0) == [0, 1, 2]
+    # ties break towards the lower id
+    assert select_active_experts(np.array([1, 5, 5, 5]), 4, min_share=0.0, top_m=2) == [1, 2]
+
+
+def test_counts_must_be_a_flat_vector():
+    with pytest.raises(ValueError, match=r"^counts must be a flat vector of layers x 4, got \(2, 4\)$"):
+        select_active_experts(np.ones((2, 4)), 4, 0.1, 1)

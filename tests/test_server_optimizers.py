@@ -97,6 +97,30 @@ def test_the_strategy_moves_only_what_sites_sent():
             np.testing.assert_allclose(got[key], value + 2.0 * 0.01, rtol=1e-5, atol=1e-7)
         else:
             assert got[key].tobytes() == value.tobytes(), key
+    s.ledgers["0"] = '{"site": 0}'
     restored = strategy(ExpertMatched, server_optimizer=ServerOptimizer("fedavgm", learning_rate=2.0, beta1=0.0))
     restored.load_state(s.state())
-    assert restored.server_optimizer.steps == s.server_optimizer.steps
+    assert restored.server_optimizer.steps == s.server_optimizer.steps and restored.ledgers == {"0": '{"site": 0}'}
+    plain = strategy(ExpertMatched)  # a run without a server optimizer ignores saved moments
+    plain.load_state(s.state())
+    assert plain.server_optimizer is None and plain.ledgers == {"0": '{"site": 0}'}
+    assert "server_optimizer" not in plain.state()
+
+
+def test_fedyogi_with_a_zero_or_negative_update():
+    opt = ServerOptimizer("fedyogi", learning_rate=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    same = opt.step(X, averaged(), ["a"])  # sent but unchanged: delta 0, v 0
+    np.testing.assert_array_equal(same["a"], X["a"])
+    out = opt.step(X, averaged(b=0.3), ["b"])  # v = 0.0009, m = 0.03
+    out2 = opt.step(out, {**out, "b": out["b"] - np.float32(0.5)}, ["b"])
+    # delta^2 = 0.25 > v: v = 0.0009 + 0.01 * 0.25 = 0.0034; m = 0.027 - 0.05 = -0.023
+    np.testing.assert_allclose(out2["b"], out["b"] + 0.1 * -0.023 / (math.sqrt(0.0034) + 1e-3), rtol=1e-4)
+    assert out2["b"].dtype == np.float32
+
+
+def test_loading_an_empty_state_starts_afresh():
+    opt = ServerOptimizer("fedadam")
+    opt.load_state({})
+    assert opt.m == {} and opt.v == {} and opt.steps == {}
+    with pytest.raises(ValueError, match=r"^server optimizer must be one of \('fedavgm', 'fedadam', 'fedyogi'\), got 'sgd'$"):
+        ServerOptimizer("sgd")

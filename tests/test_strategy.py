@@ -169,3 +169,64 @@ def test_a_reply_without_a_training_loss_leaves_it_out_of_the_metrics():
     del private.content.metric_records[wire.METRICS][wire.TRAIN_LOSS]
     _, metrics = s.aggregate_train(1, [private])
     assert "train-loss" not in metrics and np.isnan(s.round_stats[1].train_loss)
+
+
+def test_a_resumed_run_counts_rounds_from_its_checkpoint():
+    s = strategy(round_offset=3)
+    arrays = record()
+    train = list(s.configure_train(1, arrays, ConfigRecord(), Grid([1])))
+    evaluate = list(s.configure_evaluate(1, arrays, ConfigRecord(), Grid([1])))
+    assert train[0].content[wire.CONFIG]["server-round"] == 4 and set(s.round_stats) == {4}
+    # a round's downlink is what its train and its evaluate messages carried
+    assert s.round_stats[4].downlink_bytes == 2 * arrays.count_bytes()
+    assert evaluate[0].content[wire.CONFIG][wire.MODEL_VERSION] == 3
+    s.aggregate_evaluate(1, [evaluate_reply(1, 0, 10, 0.5, 1.0)])
+    assert s.round_stats[4].site_accuracy == {"0": 0.5}
+
+
+def test_one_bad_reply_does_not_stop_the_others_being_read():
+    s = strategy()
+    s.global_arrays = dict(GLOBAL)
+    instruction = Message(RecordDict({wire.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=9, message_type=MessageType.TRAIN)
+    crashed = Message(Error(code=0, reason="boom"), reply_to=instruction)
+    replies = [crashed, reply(0, "cache-miss", [1], 1), reply(1, "budget-exhausted", [1], 1), reply(2, "valid", [1], 1)]
+    arrays, _ = s.aggregate_train(1, replies)
+    stats = s.round_stats[1]
+    assert arrays is not None and stats.replies == 1 and stats.active_experts == {"2": [1]}
+    assert stats.site_expert_counts == {"2": [3.0, 6.0, 9.0, 12.0]}
+    ev_instruction = Message(RecordDict({wire.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=9,
+                             message_type=MessageType.EVALUATE)
+    evaluations = [Message(Error(code=0, reason="boom"), reply_to=ev_instruction),
+                   Message(wire.encode_model_cache_miss(3, -1), reply_to=ev_instruction),
+                   evaluate_reply(11, 0, 10, 0.25, 2.0)]
+    assert s.aggregate_evaluate(1, evaluations)["accuracy"] == 0.25
+
+
+def test_what_the_robust_rules_drop_is_recorded_in_its_round():
+    from fedmoe.aggregation import RobustRules
+
+    s = strategy(rules=RobustRules(outlier_mad=3.5, min_contributors=3))
+    s.global_arrays = dict(GLOBAL)
+    replies = [reply(i, "valid", [1], 1) for i in range(3)] + [reply(3, "scaled-expert", [1], 1e4)]
+    s.aggregate_train(1, replies)
+    dropped = s.round_stats[1].dropped_updates
+    assert len(dropped) == 1 and dropped[0].startswith("site 3: expert 1: update norm")
+
+
+def test_expert_load_imbalance_is_the_mean_over_moe_layers():
+    import torch
+
+    from fedmoe.model import MoEClassifier, MoEConfig
+    from fedmoe.training import freeze_inactive_experts, trained_state
+
+    torch.manual_seed(0)
+    model = MoEClassifier(MoEConfig(d_model=8, expert_hidden=8, num_experts=2, top_k=1, num_moe_layers=2))
+    s = ExpertMatched(num_experts=2)
+    s.global_arrays = {k: v.numpy() for k, v in model.state_dict().items()}
+    freeze_inactive_experts(model, [0, 2])
+    instruction = Message(RecordDict({wire.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=1, message_type=MessageType.TRAIN)
+    content = wire.encode_train_reply(trained_state(model), 0, 10, [0, 2], np.array([1.0, 3.0, 2.0, 2.0]), None)
+    s.aggregate_train(1, [Message(content, reply_to=instruction)])
+    stats = s.round_stats[1]
+    assert stats.expert_load == [1.0, 3.0, 2.0, 2.0]
+    assert stats.expert_load_cv == pytest.approx((0.5 + 0.0) / 2)  # layer 0: std 1 / mean 2; layer 1: balanced

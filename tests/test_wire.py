@@ -139,3 +139,102 @@ def test_status_replies_round_trip(model):
     assert (raised.value.site, raised.value.held) == (2, 5)
     assert wire.held_model_version(wire.stamp_model_version(reply(model, [1]), 7)) == 7
     assert wire.held_model_version(reply(model, [1])) is None
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_fast_decoding_parses_every_npy_header_version_itself(monkeypatch, version):
+    """The fast path must not hand C-order numeric arrays to Flower's np.load parser."""
+    import io
+
+    from flwr.app import Array
+
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, version=version)
+    flower = Array(dtype=str(array.dtype), shape=array.shape, stype="numpy.ndarray", data=buffer.getvalue())
+    monkeypatch.setattr(Array, "numpy", lambda self: pytest.fail("fell back to np.load"))
+    np.testing.assert_array_equal(wire.array_to_numpy(flower), array)
+
+
+def test_a_truncated_payload_is_not_read_by_the_fast_path():
+    import io
+
+    from flwr.app import Array
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.arange(4, dtype=np.float32))
+    data = buffer.getvalue()[:-4]  # one float missing
+    with pytest.raises(ValueError):
+        wire.array_to_numpy(Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=data))
+
+
+def test_status_records_without_details_still_name_what_happened():
+    from flwr.app import ConfigRecord
+
+    bare = RecordDict({wire.STATUS: ConfigRecord({wire.STATUS: wire.BUDGET_EXHAUSTED})})
+    with pytest.raises(wire.BudgetExhausted) as raised:
+        wire.raise_for_status(bare)
+    assert raised.value.site == -1 and np.isnan(raised.value.epsilon)
+    bare = RecordDict({wire.STATUS: ConfigRecord({wire.STATUS: wire.MODEL_CACHE_MISS})})
+    with pytest.raises(wire.ModelCacheMiss, match="^site -1 holds model version -1: cannot complete a sparse downlink message$") as miss:
+        wire.raise_for_status(bare)
+    assert (miss.value.site, miss.value.held) == (-1, -1)
+
+
+def test_validation_boundaries(model):
+    arrays = global_arrays(model)
+    assert wire.decode_train_reply(reply(model, [1], **{wire.NUM_EXAMPLES: 1}), arrays, 4).num_examples == 1
+    with pytest.raises(wire.InvalidReply, match=r"^'active-experts' \[1, 8\] has duplicates or ids outside \[0, 8\)$"):
+        wire.decode_train_reply(reply(model, [1], **{wire.ACTIVE_EXPERTS: [1, 8]}), arrays, 4)
+    with pytest.raises(wire.InvalidReply, match="^'active-experts' must be a list of ints$"):
+        wire.decode_train_reply(reply(model, [1], **{wire.ACTIVE_EXPERTS: 3}), arrays, 4)
+    with pytest.raises(wire.InvalidReply, match="^reply lacks the 'arrays' ArrayRecord or the 'metrics' MetricRecord$"):
+        wire.decode_train_reply(RecordDict({wire.ARRAYS: wire.to_record({"head.bias": torch.zeros(10)})}), arrays, 4)
+    # without a bound, any update norm passes; a bound below 1 is a bound; a norm at the bound passes
+    far = reply(model, [1])
+    far.array_records[wire.ARRAYS]["head.bias"] = wire.to_record({"x": torch.full((10,), 5.0)})["x"]
+    norm = wire.decode_train_reply(far, arrays, 4).update_norm
+    assert norm > 10
+    with pytest.raises(wire.InvalidReply, match=r"exceeds max-update-norm 0\.5$"):
+        wire.decode_train_reply(far, arrays, 4, max_update_norm=0.5)
+    assert wire.decode_train_reply(far, arrays, 4, max_update_norm=norm).update_norm == norm
+    # epsilon 0 and below 1 are epsilons; without a privacy record there is no ledger
+    for epsilon in (0.0, 0.5):
+        decoded = wire.decode_train_reply(reply(model, [1], **{wire.EPSILON: epsilon}), arrays, 4)
+        assert decoded.epsilon == epsilon and decoded.ledger_json is None
+
+
+def test_the_missing_and_extra_tensors_are_named(model):
+    content = reply(model, [1, 6])
+    for key in [k for k in content.array_records[wire.ARRAYS].keys() if k.endswith(("_1", "_6"))]:
+        del content.array_records[wire.ARRAYS][key]
+    with pytest.raises(wire.InvalidReply) as raised:
+        wire.decode_train_reply(content, global_arrays(model), 4)
+    assert str(raised.value) == ("tensors do not match the active experts [1, 6]: missing ['moe_layers.0.experts.b_in_1', "
+                                 "'moe_layers.0.experts.b_out_1', 'moe_layers.0.experts.w_in_1'], not active []")
+
+
+def test_a_dp_reply_carries_its_epsilon_and_ledger(model):
+    from fedmoe.privacy import PrivacyLedger
+
+    ledger = PrivacyLedger(site=3, target_epsilon=8.0, delta=1e-5, noise_multiplier=1.0, count_noise_multiplier=20.0,
+                           sample_rate=0.1, num_examples=100, history=[(1.0, 0.1, 10)])
+    freeze_inactive_experts(model, [1])
+    content = wire.encode_train_reply(trained_state(model), 3, 100, [1], np.arange(8.0), None, ledger)
+    decoded = wire.decode_train_reply(content, global_arrays(model), 4)
+    assert decoded.epsilon == pytest.approx(ledger.epsilon()) and decoded.ledger_json == ledger.to_json()
+    assert decoded.train_loss is None
+
+
+def test_evaluate_reply_boundaries():
+    assert wire.decode_evaluate_reply(wire.encode_evaluate_reply(2, 1, 0.0, 0.6)).accuracy == 0.0
+    assert wire.decode_evaluate_reply(wire.encode_evaluate_reply(2, 1, 1.0, 0.6, 0.0)).bits_per_char == 0.0
+    with pytest.raises(wire.InvalidReply, match="^evaluate metrics out of range: n=0 accuracy=0.5 loss=0.6$"):
+        wire.decode_evaluate_reply(wire.encode_evaluate_reply(2, 0, 0.5, 0.6))
+    with pytest.raises(wire.InvalidReply, match="^'bits-per-char' must be finite and >= 0, got -0.5$"):
+        wire.decode_evaluate_reply(wire.encode_evaluate_reply(2, 3, 0.5, 0.6, -0.5))
+    with pytest.raises(wire.InvalidReply, match="bits-per-char"):
+        wire.decode_evaluate_reply(wire.encode_evaluate_reply(2, 3, 0.5, 0.6, float("inf")))
+    incomplete = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 3, wire.SITE: 1, wire.EVAL_ACCURACY: 0.5})})
+    with pytest.raises(wire.InvalidReply, match="^evaluate reply lacks metrics$"):
+        wire.decode_evaluate_reply(incomplete)

@@ -1,0 +1,109 @@
+"""Tune the DP training recipe: a grid of run-config keys, each point a full run of the app.
+
+    python -m experiments.dp_tuning --preset NAME --out DIR [-c "key=value ..."] [--target ...]
+
+Each grid point is the preset's run config (the default job unless the preset says otherwise)
+with the grid's keys set; the point runs through experiments.launch like any other run. Writes
+DIR/tuning.csv (one row per point: its keys, final global accuracy, epsilon spent, wall time) and
+DIR/tuning.md (sorted by accuracy, the winner first). Points already in DIR/tuning.csv are not
+run again, so an interrupted search continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .launch import Target, exit_on_sigterm, run_app
+from .reporting import chosen_preset, driver_parser, markdown_table, progress
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the default job (3 sites, domain split, 10 rounds, DP at epsilon 8): batch size and step size
+    "batch-lr": {
+        "sites": 3, "config": {},
+        "grid": {"batch-size": [64, 256, 1024], "learning-rate": [0.002, 0.005, 0.01]},
+    },
+    # batch-lr's best was its largest batch with its largest step size: both further, and more epochs
+    "large-batch": {
+        "sites": 3, "config": {},
+        "grid": {"batch-size": [1024, 2048], "learning-rate": [0.02, 0.04], "local-epochs": [1, 2]},
+    },
+    # around the winner of batch-lr: clipping bound, local epochs, count-release noise
+    "clip-epochs": {
+        "sites": 3, "config": {"batch-size": 1024, "learning-rate": 0.005},
+        "grid": {"max-grad-norm": [0.3, 1.0], "local-epochs": [1, 2], "count-noise-multiplier": [20.0, 60.0]},
+    },
+    # a quick grid for trying the driver
+    "smoke": {
+        "sites": 3, "config": {"num-server-rounds": 2, "max-examples-per-site": 1000},
+        "grid": {"batch-size": [64, 256]},
+    },
+}
+RESULT_COLUMNS = ["final_accuracy", "epsilon", "wall_seconds", "run"]
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def run_name(point: dict[str, Any]) -> str:
+    return "-".join(f"{k}={v}" for k, v in point.items())
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_tuning(preset: dict[str, Any], out: Path, target: Target = Target()) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    points = grid_points(preset["grid"])
+    columns = list(preset["grid"]) + RESULT_COLUMNS
+    rows = read_rows(out / "tuning.csv")
+    done = {row["run"] for row in rows}
+    started = time.time()
+    for i, point in enumerate(points):
+        name = run_name(point)
+        progress(i, len(points), started, name)
+        if name in done:
+            continue
+        shutil.rmtree(out / "runs" / name, ignore_errors=True)
+        t0 = time.time()
+        summary = run_app({**preset["config"], **point}, sites=preset["sites"], target=target, results_dir=out / "runs",
+                          run_name=name, quiet=True)
+        eps = [r["epsilon_max"] for r in summary["rounds"] if r.get("epsilon_max") is not None]
+        rows.append({**point, "final_accuracy": round(summary["final_accuracy"], 4),
+                     "epsilon": round(eps[-1], 3) if eps else "", "wall_seconds": round(time.time() - t0, 1), "run": name})
+        write_rows(rows, columns, out / "tuning.csv")
+    progress(len(points), len(points), started, "done")
+    ranked = sorted(rows, key=lambda r: -float(r["final_accuracy"]))
+    (out / "tuning.md").write_text(markdown_table(ranked, columns[:-1]) + "\n")
+    return ranked
+
+
+def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
+    args = driver_parser(__doc__, PRESETS).parse_args(argv)
+    ranked = run_tuning(chosen_preset(PRESETS, args), args.out, Target(args.target))
+    print((args.out / "tuning.md").read_text())
+    print(f"best: {ranked[0]['run']} ({ranked[0]['final_accuracy']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
