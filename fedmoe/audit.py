@@ -22,6 +22,7 @@ Prints one line per site and a verdict; exits 0 when every check holds, 1 otherw
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -35,12 +36,17 @@ REL_TOL = 1e-6
 
 def rdp_epsilon(history: list[list[float]], delta: float) -> float:
     """Opacus' RDP accountant on a history of (noise multiplier, sample rate, steps)."""
+    return _rdp_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
+
+
+@functools.lru_cache(maxsize=4096)  # an audit asks for every prefix of every site's history
+def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     if not history:
         return 0.0
-    if any(float(sigma) == 0.0 for sigma, _, _ in history):
+    if any(sigma == 0.0 for sigma, _, _ in history):
         return math.inf
     accountant = RDPAccountant()
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    accountant.history = list(history)
     return float(accountant.get_epsilon(delta=delta))
 
 

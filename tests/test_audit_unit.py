@@ -4,11 +4,12 @@ on a real run folder)."""
 import copy
 import functools
 import json
+import math
 
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedmoe.audit import audit, audit_site, compare_copies
+from fedmoe.audit import as_float, audit, audit_site, close, compare_copies, rdp_epsilon
 
 CONFIG = {"dp": True, "target-epsilon": 8.0, "target-delta": 1e-5, "batch-size": 32, "local-epochs": 2,
           "count-noise-multiplier": 20.0, "noise-multiplier": 0.0, "num-server-rounds": 3, "dp-reproducible-noise": False}
@@ -57,31 +58,58 @@ def test_an_honest_ledger_passes():
     assert "over 3 rounds" in line and "48 DP-SGD steps, 3 count releases" in line
 
 
-@pytest.mark.parametrize("change, reason", [
-    (lambda l, r: l.update(accountant="prv"), "accountant"),
-    (lambda l, r: l.update(reproducible_noise=True), "seeded from the run config"),
-    (lambda l, r: l.update(site=1), "names site 1"),
-    (lambda l, r: l.update(delta=1e-3), "delta"),
-    (lambda l, r: l.update(count_noise_multiplier=40.0), "count_noise_multiplier"),
-    (lambda l, r: l.update(target_epsilon=80.0), "target epsilon"),
-    (lambda l, r: l.update(num_examples=480), "the server saw [240]"),
-    (lambda l, r: l.update(num_examples=0), "how many training examples"),
-    (lambda l, r: l.update(sample_rate=1 / 16), "sample rate"),
-    (lambda l, r: l["rounds"][1]["charged"].pop(0), "round 2 charged"),
-    (lambda l, r: l["rounds"][0]["charged"][1].__setitem__(2, 8), "round 1 charged"),
-    (lambda l, r: l["rounds"][2].update(epsilon=1.0), "round 3: recorded epsilon"),
-    (lambda l, r: l["history"].pop(), "history is not the composition"),
-    (lambda l, r: l["history"].append([20.0, 1.0, 1]), "history is not the composition"),
-    (lambda l, r: l["rounds"].pop(), "rounds [3] sent updates"),
-    (lambda l, r: l.update(epsilon=l["epsilon"] * 0.9), "ledger reports epsilon"),
-    (lambda l, r: r[1]["site_epsilon"].update({"0": 0.1}), "round 2: the site reported epsilon"),
-    (lambda l, r: l.update(noise_multiplier=0.1), "round 1 charged"),
+@pytest.mark.parametrize("change, expected", [
+    (lambda l, r: l.update(accountant="prv"), "accountant 'prv', expected 'rdp'"),
+    (lambda l, r: l.update(reproducible_noise=True),
+     "its noise was seeded from the run config (dp-reproducible-noise): no guarantee against the server"),
+    (lambda l, r: l.update(site=1), "ledger names site 1"),
+    (lambda l, r: l.update(delta=1e-3), "delta 0.001 differs from the config's 1e-05"),
+    (lambda l, r: l.update(count_noise_multiplier=40.0), "count_noise_multiplier 40.0 differs from the config's 20.0"),
+    (lambda l, r: l.update(target_epsilon=80.0), "target epsilon 80.0 differs from the config's 8.0"),
+    (lambda l, r: l.update(num_examples=480), "ledger says 480 training examples, the server saw [240]"),
+    (lambda l, r: l.update(num_examples=0), "ledger does not say how many training examples the site has"),
+    (lambda l, r: l.update(sample_rate=1 / 16), "sample rate 0.0625 is not 1/ceil(240/32) = 0.125"),
+    (lambda l, r: l["rounds"][1]["charged"].pop(0),
+     "round 2 charged [[1.1, 0.125, 16]], expected [[20.0, 1.0, 1], [1.1, 0.125, 16]]"),
+    (lambda l, r: l["rounds"][0]["charged"][1].__setitem__(2, 8),
+     "round 1 charged [[20.0, 1.0, 1], [1.1, 0.125, 8]], expected [[20.0, 1.0, 1], [1.1, 0.125, 16]]"),
+    (lambda l, r: l["rounds"][2].update(epsilon=1.0), r"round 3: recorded epsilon 1\.0, recomputed 5\.97\d+"),
+    (lambda l, r: l["history"].pop(), "history is not the composition of the rounds' charges (entries missing or added)"),
+    (lambda l, r: l["history"].append([20.0, 1.0, 1]), "history is not the composition of the rounds' charges (entries missing or added)"),
+    (lambda l, r: l["rounds"].pop(), "rounds [3] sent updates the ledger does not charge"),
+    (lambda l, r: l.update(epsilon=2.5), r"ledger reports epsilon 2\.5, its history gives 5\.97\d+"),
+    (lambda l, r: r[1]["site_epsilon"].update({"0": 0.1}), r"round 2: the site reported epsilon 0\.1, its ledger gives 5\.05\d+"),
+    (lambda l, r: l.update(noise_multiplier=0.1),
+     "round 1 charged [[20.0, 1.0, 1], [1.1, 0.125, 16]], expected [[20.0, 1.0, 1], [0.1, 0.125, 16]]"),
 ])
-def test_each_check_fails_its_tampering(change, reason):
+def test_each_check_fails_its_tampering(change, expected):
+    import re
+
     ledger, rows = honest()
     change(ledger, rows)
     problems = problems_of(ledger, rows)
-    assert any(reason in p for p in problems), problems
+    pattern = expected if "\\" in expected else re.escape(expected)
+    assert any(re.fullmatch(pattern, p) for p in problems), problems
+
+
+def test_the_summary_line_states_the_accounting():
+    ledger, rows = honest()
+    problems, line = audit_site("0", ledger, CONFIG, rows)
+    assert line == (f"epsilon {ledger['epsilon']:.4f} (target 8, delta 1e-05) over 3 rounds: noise multiplier 1.1, "
+                    "sample rate 0.125, 48 DP-SGD steps, 3 count releases (sigma 20)")
+
+
+def test_accounting_helpers():
+    assert rdp_epsilon([], 1e-5) == 0.0
+    assert rdp_epsilon([[0.0, 0.1, 3]], 1e-5) == math.inf and rdp_epsilon([[1.0, 0.1, 3]], 1e-5) < 10
+    assert close(1.0, 1.0 + 1e-7) and not close(1.0, 1.00001) and close(0.0, 1e-13) and not close(0.0, 1e-9)
+    assert close(math.inf, math.inf) and as_float("inf") == math.inf and as_float(2) == 2.0
+
+
+def test_an_unbounded_target_is_read_from_the_ledger_and_the_config():
+    ledger, rows = honest()
+    ledger["target_epsilon"] = "inf"
+    assert problems_of(ledger, rows, {**CONFIG, "target-epsilon": "inf"}) == []
 
 
 def test_spending_beyond_the_target_fails():
@@ -108,13 +136,15 @@ def test_a_site_may_hold_more_rounds_than_the_server_saw_never_different_ones():
     assert compare_copies("0", own, sent)  # the server holds a round the site does not
     other = copy.deepcopy(own)
     other["rounds"][0]["charged"][1][0] = 9.0
-    assert any("not those of" in p for p in compare_copies("0", sent, other))
-    other = copy.deepcopy(own)
-    other["num_examples"] = 1
-    assert any("num_examples" in p for p in compare_copies("0", sent, other))
+    assert compare_copies("0", sent, other) == ["the rounds in the server's copy are not those of the site's own ledger",
+                                                "the site's own history is not the composition of its rounds' charges"]
+    for key in ("noise_multiplier", "count_noise_multiplier", "sample_rate", "num_examples", "delta", "reproducible_noise"):
+        other = copy.deepcopy(own)
+        other[key] = 7
+        assert compare_copies("0", sent, other) == [f"site's own ledger has {key} 7, the server's copy {sent[key]}"]
     other = copy.deepcopy(own)
     other["history"].pop()
-    assert any("not the composition" in p for p in compare_copies("0", sent, other))
+    assert compare_copies("0", sent, other) == ["the site's own history is not the composition of its rounds' charges"]
 
 
 def test_run_level_verdicts(tmp_path):
@@ -122,11 +152,34 @@ def test_run_level_verdicts(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"config": CONFIG, "rounds": rows}))
     (tmp_path / "privacy_ledger.json").write_text(json.dumps({"sites": {"0": ledger}}))
     ok, lines = audit(tmp_path)
-    assert ok and lines[-1].startswith("verdict: PASS") and lines[0].startswith("ok   site 0")
+    assert ok and lines[-1] == f"verdict: PASS: 1 site ledgers in {tmp_path}" and lines[0].startswith("ok   site 0: epsilon")
     rows[0]["site_epsilon"]["1"] = 1.0  # a site that sent DP updates but left no ledger
     (tmp_path / "summary.json").write_text(json.dumps({"config": CONFIG, "rounds": rows}))
     ok, lines = audit(tmp_path)
     assert not ok and "FAIL site 1: sent DP updates but has no ledger in privacy_ledger.json" in lines
     (tmp_path / "privacy_ledger.json").unlink()
     ok, lines = audit(tmp_path)
-    assert not ok and lines[-1] == "FAIL run: no privacy_ledger.json"
+    assert not ok and lines == ["FAIL run: no privacy_ledger.json"]
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {**CONFIG, "dp-reproducible-noise": True}, "rounds": rows}))
+    ok, lines = audit(tmp_path)
+    assert not ok and lines[0] == ("FAIL run: dp-reproducible-noise=true: noise derivable from the config, "
+                                   "no guarantee against the server")
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {**CONFIG, "dp": False}, "rounds": rows}))
+    assert audit(tmp_path) == (False, ["run made with dp=false: there is no privacy guarantee to audit"])
+
+
+def test_the_command_line_prints_the_report_and_exits_with_the_verdict(tmp_path, capsys):
+    from fedmoe.audit import main
+
+    ledger, rows = honest()
+    (tmp_path / "summary.json").write_text(json.dumps({"config": CONFIG, "rounds": rows}))
+    (tmp_path / "privacy_ledger.json").write_text(json.dumps({"sites": {"0": ledger}}))
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps(ledger))
+    assert main([str(tmp_path), "--site-ledger", str(own)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("ok   site 0: epsilon") and printed[-1] == f"verdict: PASS: 1 site ledgers in {tmp_path}"
+    ledger["noise_multiplier"] = 9.0
+    own.write_text(json.dumps(ledger))
+    assert main([str(tmp_path), "--site-ledger", str(own)]) == 1
+    assert "       - site's own ledger has noise_multiplier 9.0, the server's copy 1.1" in capsys.readouterr().out.splitlines()
