@@ -33,10 +33,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sites": 3, "config": {},
         "grid": {"batch-size": [1024, 2048], "learning-rate": [0.02, 0.04], "local-epochs": [1, 2]},
     },
-    # around the winner of batch-lr: clipping bound, local epochs, count-release noise
-    "clip-epochs": {
-        "sites": 3, "config": {"batch-size": 1024, "learning-rate": 0.005},
-        "grid": {"max-grad-norm": [0.3, 1.0], "local-epochs": [1, 2], "count-noise-multiplier": [20.0, 60.0]},
+    # large-batch's best (1024, 0.04, one epoch): step size and its decay over rounds, and less of
+    # the budget for the count releases
+    "decay-counts": {
+        "sites": 3, "config": {"batch-size": 1024},
+        "grid": {"learning-rate": [0.04, 0.08], "learning-rate-decay": [0.85, 0.7], "count-noise-multiplier": [20.0, 60.0]},
     },
     # a quick grid for trying the driver
     "smoke": {

@@ -109,7 +109,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.start(
             grid=grid, initial_arrays=wire.to_record(initial_state), num_rounds=cfg.num_server_rounds - done,
             timeout=cfg.round_timeout, train_config=ConfigRecord({wire.RUN_DIR: str(recorder.run_dir)}),
-            evaluate_fn=central_evaluate,
+            evaluate_config=ConfigRecord({wire.RUN_DIR: str(recorder.run_dir)}), evaluate_fn=central_evaluate,
         )
     except BaseException:
         recorder.finish("failed")
