@@ -20,9 +20,18 @@ from fedmoe.training import MoELoss, freeze_inactive_experts
 CFG = MoEConfig(d_model=12, expert_hidden=10, num_experts=4, top_k=2, router_noise=0.0)
 
 
+def with_random_biases(module):
+    """Experts start with zero biases, under which a sign error on a bias term cannot show."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.rsplit(".", 1)[-1].startswith(("b_in_", "b_out_")):
+                p.normal_()
+    return module
+
+
 def model_and_batch(seed=0, n=6):
     torch.manual_seed(seed)
-    model = MoEClassifier(CFG)
+    model = with_random_biases(MoEClassifier(CFG))
     freeze_inactive_experts(model, [0, 2])
     return model, torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))
 
@@ -62,7 +71,7 @@ def test_ghost_norms_match_brute_force(cfg):
     backward per sample, at small widths and at the defaults (d=64, h=128, 16 tokens), whose
     expert-bank norms take the Gram form."""
     torch.manual_seed(1)
-    model = MoEClassifier(dataclasses.replace(cfg, router_noise=0.0))
+    model = with_random_biases(MoEClassifier(dataclasses.replace(cfg, router_noise=0.0)))
     freeze_inactive_experts(model, [0, 2])
     images, labels = torch.randn(5, 1, 28, 28), torch.randint(0, 10, (5,))
     expected = brute_force_grads(model, images, labels)
@@ -75,7 +84,7 @@ def test_ghost_norms_match_brute_force(cfg):
 @pytest.mark.parametrize("d, h, tokens", [(12, 10, 32), (64, 128, 16), (64, 128, 200)])
 def test_expert_bank_norm_sampler_equals_the_norms_of_its_grad_sampler(d, h, tokens):
     torch.manual_seed(2)
-    bank = ExpertBank(4, d, h)
+    bank = with_random_biases(ExpertBank(4, d, h))
     for p in bank.expert_params(1):
         p.requires_grad_(False)
     x, index, backprops = torch.randn(5, tokens, d), torch.randint(0, 4, (5, tokens)), torch.randn(5, tokens, d)
@@ -288,9 +297,7 @@ def test_the_noise_is_drawn_from_the_sites_generator_not_the_global_one():
     assert float(first) == float(second) and float(first) != float(third)
 
 
-def test_batches_are_poisson_sampled():
-    """Opacus' Poisson loader: every example joins each batch independently, so batch sizes vary."""
-    torch.manual_seed(0)
+def poisson_batch_sizes(generator) -> list[int]:
     model = MoEClassifier(CFG)
     freeze_inactive_experts(model, [1])
     sizes = []
@@ -298,6 +305,16 @@ def test_batches_are_poisson_sampled():
     ledger = privacy.PrivacyLedger(site=0, target_epsilon=math.inf, delta=1e-5, noise_multiplier=1.0,
                                    count_noise_multiplier=20.0, sample_rate=0.25)
     data = TensorDataset(torch.randn(200, 1, 28, 28), torch.randint(0, 10, (200,)))
-    privacy.train_private(model, data, 50, torch.optim.SGD(model.parameters(), lr=0.1), 3, ledger, 1.0, "hooks",
-                          privacy.dp_generator())
+    privacy.train_private(model, data, 50, torch.optim.SGD(model.parameters(), lr=0.1), 3, ledger, 1.0, "hooks", generator)
+    return sizes
+
+
+def test_batches_are_poisson_sampled_with_the_sites_generator():
+    """Opacus' Poisson loader: every example joins each batch independently, so batch sizes vary;
+    which examples join is drawn from the site's generator, whatever the global one holds."""
+    torch.manual_seed(0)
+    sizes = poisson_batch_sizes(privacy.dp_generator(5))
     assert len(sizes) == 12 and len(set(sizes)) > 3 and sizes != [50] * 12
+    torch.manual_seed(1)
+    assert poisson_batch_sizes(privacy.dp_generator(5)) == sizes
+    assert poisson_batch_sizes(privacy.dp_generator(6)) != sizes
