@@ -147,14 +147,17 @@ def submit(app: Path, connection: str, env: Mapping[str, str], overrides: Mappin
 
 def run_app(
     overrides: Mapping[str, Any] | None = None, *, sites: int = 3, target: Target = Target(),
-    results_dir: Path | str = ROOT / "results", run_name: str | None = None,
+    results_dir: Path | str | None = None, run_name: str | None = None,
     app: Path = ROOT, log_path: Path | None = None, quiet: bool = False, timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run the app once on ``target`` (``sites`` SuperNodes when it is the simulation) and return
-    its summary.json (raises RunFailed unless it completed)."""
-    results_dir = Path(results_dir).resolve()
-    run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    overrides = {**(overrides or {}), "results-dir": str(results_dir), "run-name": run_name}
+    its summary.json (raises RunFailed unless it completed). The results folder and run name are
+    the arguments, else the run config's results-dir and run-name keys, else results/ and a
+    time stamp."""
+    overrides = dict(overrides or {})
+    results_dir = Path(results_dir or overrides.get("results-dir") or ROOT / "results").resolve()
+    run_name = run_name or overrides.get("run-name") or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    overrides.update({"results-dir": str(results_dir), "run-name": run_name})
     if not overrides.get("resume") and (results_dir / run_name).exists():
         raise RunFailed(f"run folder {results_dir / run_name} exists; choose another run name")
     log_path = log_path or results_dir / f"{run_name}.log"
@@ -190,21 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=3, help="simulated sites (SuperNodes)")
     parser.add_argument("--target", default=SIMULATION, help="'simulation' or a SuperLink connection name")
-    parser.add_argument("--results-dir", default=str(ROOT / "results"))
+    parser.add_argument("--results-dir", help="where run folders go (default: the run config's results-dir, results/)")
     add_run_config_argument(parser)
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.run_config)
     started = time.time()
     summary = run_app(overrides, sites=args.sites, target=Target(args.target), results_dir=args.results_dir)
     rounds = summary["rounds"]
+    run_dir = Path(summary["config"]["results-dir"]) / summary["config"]["run-name"]
     print(
         f"\nfedmoe: completed {len(rounds)} rounds in {time.time() - started:.0f}s; "
         f"final global accuracy {summary['final_accuracy']:.4f}; "
         f"mean uplink {sum(r['uplink_bytes'] for r in rounds) / len(rounds) / 1e6:.3f} MB/round "
         f"(full model {summary['full_model_bytes'] / 1e6:.3f} MB x {args.sites} sites = "
         f"{summary['full_model_bytes'] * args.sites / 1e6:.3f} MB)\n"
-        f"{privacy_line(summary, Path(args.results_dir).resolve() / 'latest')}\n"
-        f"results: {Path(args.results_dir).resolve() / 'latest' / 'summary.json'}"
+        f"{privacy_line(summary, run_dir)}\n"
+        f"results: {run_dir / 'summary.json'}"
     )
     return 0
 

@@ -115,10 +115,10 @@ class RunConfig:
     personalize: str = _key("none", _personal_parts, "none, or parts each site keeps for itself: head, router (comma-separated)")
     # Local training
     local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
-    batch_size: int = _key(64, _at_least(1), "expected local batch size (under DP the logical batch of each noisy step)")
+    batch_size: int = _key(1024, _at_least(1), "expected local batch size (under DP the logical batch of each noisy step)")
     max_physical_batch_size: int = _key(512, _at_least(0), "under DP, at most this many examples per forward/backward pass "
                                         "(Opacus' BatchMemoryManager; 0: the whole logical batch at once)")
-    learning_rate: float = _key(0.002, _positive, "local optimiser step size")
+    learning_rate: float = _key(0.04, _positive, "local optimiser step size")
     learning_rate_decay: float = _key(0.85, _fraction, "client step size in round r is learning-rate * decay^(r-1)")
     optimizer: str = _key("adam", _choice("adam", "sgd"), "local optimiser")
     seed: int = _key(0, _at_least(0), "seed for model init, data split and training")
@@ -155,7 +155,7 @@ class RunConfig:
     target_delta: float = _key(1e-5, _open_fraction, "delta of the (epsilon, delta) guarantee")
     max_grad_norm: float = _key(1.0, _positive, "per-sample gradient clipping bound")
     noise_multiplier: float = _key(0.0, _at_least(0.0), "DP-SGD noise multiplier; 0: derived once from target-epsilon and the planned steps")
-    count_noise_multiplier: float = _key(20.0, _positive, "Gaussian noise on released routing counts, in units of their sensitivity")
+    count_noise_multiplier: float = _key(60.0, _positive, "Gaussian noise on released routing counts, in units of their sensitivity")
     dp_mode: str = _key("ghost", _choice("ghost", "hooks"), "Opacus per-sample clipping: ghost (norms only) or hooks (per-sample grads)")
     dp_reproducible_noise: bool = _key(False, None, "debugging only: DP noise and sampling seeded from seed, site and round; "
                                        "the guarantee then does not hold against anyone who knows the config")

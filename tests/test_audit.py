@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from experiments.launch import run_app
+from experiments.launch import ROOT, toml_value
 from fedmoe.audit import audit, rdp_epsilon
 from tests.sites import needs_fmnist
 
@@ -21,8 +21,16 @@ CONFIG = {"dp": True, "num-server-rounds": 2, "max-examples-per-site": 200, "d-m
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    """The run as a user starts it: the launcher's command line, placed by the run config's keys."""
     results = tmp_path_factory.mktemp("audit")
-    run_app(CONFIG, sites=3, results_dir=results, run_name="dp", quiet=True)
+    overrides = {**CONFIG, "results-dir": str(results), "run-name": "dp"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "experiments.launch", "--sites", "3", "-c", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert f"check them: python -m fedmoe.audit {results / 'dp'})" in launched.stdout
+    assert f"results: {results / 'dp' / 'summary.json'}" in launched.stdout
     return results / "dp"
 
 
