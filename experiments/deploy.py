@@ -27,7 +27,7 @@ from fedmoe.deployment import Service, Tls, topology
 from .launch import (
     BIN, ROOT, Target, exit_on_sigterm, flower_env, free_port, run_app, wait_healthy, write_connection,
 )
-from .reporting import add_run_config_argument, parse_overrides
+from .reporting import add_run_config_argument, checked_run_config, parse_overrides
 
 CONNECTION = "fedmoe-deploy"
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "results" / "deploy")
     add_run_config_argument(parser)
     args = parser.parse_args(argv)
-    overrides = parse_overrides(args.run_config)
+    overrides = checked_run_config(parse_overrides(args.run_config))
     started = time.time()
     with LocalDeployment(args.sites, args.workdir) as deployment:
         summary = deployment.run(overrides, run_name=time.strftime("%Y%m%d-%H%M%S"))

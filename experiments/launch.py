@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .reporting import add_run_config_argument, parse_overrides
+from .reporting import add_run_config_argument, checked_run_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", help="where run folders go (default: the run config's results-dir, results/)")
     add_run_config_argument(parser)
     args = parser.parse_args(argv)
-    overrides = parse_overrides(args.run_config)
+    overrides = checked_run_config(parse_overrides(args.run_config))
     started = time.time()
     summary = run_app(overrides, sites=args.sites, target=Target(args.target), results_dir=args.results_dir)
     rounds = summary["rounds"]

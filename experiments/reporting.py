@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 def progress(done: int, total: int, started: float, label: str, width: int = 30) -> None:
@@ -38,26 +36,51 @@ def add_run_config_argument(parser: argparse.ArgumentParser, help: str = '"key=v
 
 
 def chosen_preset(presets: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """The preset --preset names, its run config updated by the -c overrides."""
+    """The preset --preset names, its run config updated by the -c overrides and checked
+    (``checked_run_config``)."""
     preset = presets[args.preset]
-    return {**preset, "config": {**preset["config"], **parse_overrides(args.run_config)}}
+    return {**preset, "config": checked_run_config({**preset["config"], **parse_overrides(args.run_config)})}
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """-c arguments ("key=value key2=value2", as ``flwr run -c`` takes them) -> {key: value}."""
-    pairs = (pair.partition("=") for item in items for pair in shlex.split(item))
-    return {key: parse_scalar(value) for key, _, value in pairs}
+    """-c arguments -> {key: value}, by Flower's own parser: exactly what ``flwr run -c`` takes
+    ("key=value ...", values TOML scalars, strings quoted: partitioning='dirichlet'; or one
+    .toml file). A malformed argument ends the process with status 2."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    try:
+        return parse_config_args(list(items))
+    except (click.ClickException, ValueError) as exc:
+        exit_with_config_problems([f"-c {' '.join(items)!r}: {getattr(exc, 'message', exc)}"])
 
 
-def parse_scalar(text: str) -> Any:
-    """A run-config value as ``flwr run -c`` parses it (TOML scalars: bool, int, float, string)."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        with contextlib.suppress(ValueError):
-            return kind(text)
-    return text.strip("'\"")
+def checked_run_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` after every check of fedmoe.config.RunConfig and of the folders the run reads
+    here (text-dir, made absolute: the apps run in another working directory); a bad config
+    ends the process with status 2, one line per problem on stderr, before Flower, Ray or torch
+    start."""
+    from fedmoe.config import ConfigError, RunConfig
+
+    config = dict(config)
+    problems = []
+    try:
+        RunConfig.from_run_config(config)
+    except ConfigError as exc:
+        problems.extend(str(exc).splitlines())
+    if config.get("text-dir"):
+        text_dir = Path(str(config["text-dir"])).expanduser().resolve()
+        config["text-dir"] = str(text_dir)
+        if not text_dir.is_dir():
+            problems.append(f"run config 'text-dir': no such folder, got {str(text_dir)!r}")
+    if problems:
+        exit_with_config_problems(problems)
+    return config
+
+
+def exit_with_config_problems(problems: Sequence[str]) -> NoReturn:
+    print("\n".join(problems), file=sys.stderr)
+    sys.exit(2)
 
 
 def save_axes(fig, ax, path, xlabel: str, ylabel: str, title: str | None = None, legend_size: int = 7) -> None:

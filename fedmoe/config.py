@@ -8,13 +8,17 @@ validated object and fails before any training with a message naming the offendi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .aggregation import RobustRules
-from .model import MoEConfig
-from .server_optimizers import SERVER_OPTIMIZERS, ServerOptimizer
+from .server_optimizers import SERVER_OPTIMIZERS
+
+if TYPE_CHECKING:  # torch stays unimported until a model is built: a bad config fails in well under a second
+    from .model import MoEConfig
+    from .server_optimizers import ServerOptimizer
 
 
 class ConfigError(ValueError):
@@ -167,48 +171,64 @@ class RunConfig:
     resume: str = _key("", None, "continue the run in this folder of results-dir ('latest' for the newest) from its checkpoint")
 
     def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("\n".join(problems))
+
+    def problems(self) -> list[str]:
+        """One line per bad value or violated cross-key constraint, each naming its key."""
+        problems = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not (math.isfinite(value) or (f.metadata["allow_inf"] and value == math.inf)):
-                raise ConfigError(f"run config '{config_key(f.name)}': must be finite, got {value}")
+                problems.append(f"run config '{config_key(f.name)}': must be finite, got {value}")
+                continue
             check = f.metadata.get("check")
             problem = check(value) if check else None
             if problem:
-                raise ConfigError(f"run config '{config_key(f.name)}': {problem}, got {value!r}")
+                problems.append(f"run config '{config_key(f.name)}': {problem}, got {value!r}")
         if self.top_k > self.num_experts:
-            raise ConfigError(
-                f"run config 'top-k': must be <= num-experts ({self.num_experts}), got {self.top_k}"
-            )
+            problems.append(f"run config 'top-k': must be <= num-experts ({self.num_experts}), got {self.top_k}")
         if self.active_top_m > self.num_experts:
-            raise ConfigError(
-                f"run config 'active-top-m': must be <= num-experts ({self.num_experts}), got {self.active_top_m}"
-            )
-        if self.task == "charlm" and self.d_model % self.num_heads:
-            raise ConfigError(f"run config 'num-heads': must divide d-model ({self.d_model}), got {self.num_heads}")
+            problems.append(f"run config 'active-top-m': must be <= num-experts ({self.num_experts}), got {self.active_top_m}")
+        if self.task == "charlm" and self.num_heads > 0 and self.d_model % self.num_heads:
+            problems.append(f"run config 'num-heads': must divide d-model ({self.d_model}), got {self.num_heads}")
         if self.attack_expert >= self.num_moe_layers * self.num_experts:
-            raise ConfigError(f"run config 'attack-expert': must be < num-moe-layers x num-experts "
-                              f"({self.num_moe_layers * self.num_experts}), got {self.attack_expert}")
+            problems.append(f"run config 'attack-expert': must be < num-moe-layers x num-experts "
+                            f"({self.num_moe_layers * self.num_experts}), got {self.attack_expert}")
         if self.task == "charlm" and self.attack == "backdoor":
-            raise ConfigError("run config 'attack': the backdoor trigger is an image patch (task=fmnist)")
-        if 28 % self.patch_size:
-            raise ConfigError(f"run config 'patch-size': must divide 28, got {self.patch_size}")
+            problems.append("run config 'attack': the backdoor trigger is an image patch (task=fmnist), got 'backdoor'")
+        if self.patch_size > 0 and 28 % self.patch_size:
+            problems.append(f"run config 'patch-size': must divide 28, got {self.patch_size}")
         if self.strategy == "fedavg" and not self.robust_rules().plain:
-            raise ConfigError("run config 'aggregation' / 'update-norm-bound' / 'outlier-*': robust rules need "
-                              "strategy=expert-matched (fedavg is Flower's FedAvg as is)")
+            problems.append("run config 'aggregation' / 'update-norm-bound' / 'outlier-*': robust rules need "
+                            "strategy=expert-matched (fedavg is Flower's FedAvg as is)")
         if self.domains_per_site > 3:
-            raise ConfigError(f"run config 'domains-per-site': there are 3 domains, got {self.domains_per_site}")
+            problems.append(f"run config 'domains-per-site': there are 3 domains, got {self.domains_per_site}")
+        return problems
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
-        """Typed config from Flower's flat run config; unknown keys and bad types fail."""
+        """Typed config from Flower's flat run config. Unknown keys, bad types, bad values and
+        violated cross-key constraints fail together: one ConfigError line per problem."""
         fields = {config_key(f.name): f for f in dataclasses.fields(cls)}
-        values = {}
+        values, problems = {}, []
         for key, raw in run_config.items():
             if key not in fields:
-                raise ConfigError(f"run config '{key}': unknown key (known: {sorted(fields)})")
+                problems.append(unknown_key_message(key, fields))
+                continue
             f = fields[key]
-            values[f.name] = _coerce(key, raw, type(f.default))
-        return cls(**values)
+            try:
+                values[f.name] = _coerce(key, raw, type(f.default))
+            except ConfigError as exc:
+                problems.append(str(exc))
+        try:
+            config = cls(**values)
+        except ConfigError as exc:
+            problems.extend(str(exc).splitlines())
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return config
 
     def round_learning_rate(self, server_round: int) -> float:
         return self.learning_rate * self.learning_rate_decay ** (server_round - 1)
@@ -224,12 +244,16 @@ class RunConfig:
         )
 
     def server_optimizer_state(self) -> ServerOptimizer | None:
+        from .server_optimizers import ServerOptimizer
+
         if self.server_optimizer == "none":
             return None
         return ServerOptimizer(self.server_optimizer, self.server_learning_rate, self.server_momentum,
                                self.server_beta2, self.server_tau)
 
     def model_config(self) -> MoEConfig:
+        from .model import MoEConfig
+
         return MoEConfig(
             patch_size=self.patch_size, d_model=self.d_model, num_moe_layers=self.num_moe_layers,
             num_experts=self.num_experts, top_k=self.top_k, expert_hidden=self.expert_hidden,
@@ -240,6 +264,12 @@ class RunConfig:
 
 def config_key(field_name: str) -> str:
     return field_name.replace("_", "-")
+
+
+def unknown_key_message(key: str, known) -> str:
+    close = difflib.get_close_matches(key.replace("_", "-"), list(known), n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else "every key is in [tool.flwr.app.config] of pyproject.toml"
+    return f"run config '{key}': unknown key; {hint}"
 
 
 def _coerce(key: str, raw: Any, kind: type) -> Any:

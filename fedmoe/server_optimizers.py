@@ -24,7 +24,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
 
@@ -77,6 +76,8 @@ class ServerOptimizer:
     def state(self) -> dict[str, dict]:
         """What a checkpoint keeps: moments as torch tensors (a checkpoint loads with
         weights_only) and step counts."""
+        import torch  # here, not at the top: the run config imports this module and must load fast
+
         return {"m": {k: torch.from_numpy(v) for k, v in self.m.items()},
                 "v": {k: torch.from_numpy(v) for k, v in self.v.items()}, "steps": dict(self.steps)}
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where windows are cut: the run config reads LANGUAGE_PACKAGES and must load fast
+    import torch
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 DPKG_INFO = Path("/var/lib/dpkg/info")
@@ -90,6 +93,8 @@ def site_sources(languages: list[str], text_dir: str) -> list[tuple[str, str]]:
 
 def windows(data: bytes, seq_len: int, max_windows: int = 0) -> torch.Tensor:
     """Non-overlapping windows of seq_len + 1 bytes: [W, seq_len + 1] (long)."""
+    import torch
+
     array = np.frombuffer(data, dtype=np.uint8)
     count = (len(array) - 1) // seq_len
     if max_windows:

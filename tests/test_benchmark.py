@@ -55,9 +55,13 @@ def test_drivers_take_run_config_overrides_on_top_of_the_preset():
     from experiments.reporting import chosen_preset, driver_parser
 
     args = driver_parser("", PRESETS).parse_args(
-        ["--preset", "full", "--out", "x", "-c", "max-examples-per-site=2000 dp=false", "-c", "task='fmnist' top-k=1.5"])
+        ["--preset", "full", "--out", "x", "-c", "max-examples-per-site=2000 dp=false", "-c", "task='fmnist' top-k=1"])
     preset = chosen_preset(PRESETS, args)
     assert preset["config"]["max-examples-per-site"] == 2000 and preset["config"]["dp"] is False
-    assert preset["config"]["task"] == "fmnist" and preset["config"]["top-k"] == 1.5
+    assert preset["config"]["task"] == "fmnist" and preset["config"]["top-k"] == 1
     assert preset["config"]["num-experts"] == 32 and preset["sites"] == 10
     assert "max-examples-per-site" not in PRESETS["full"]["config"]  # the preset itself is unchanged
+    bad = driver_parser("", PRESETS).parse_args(["--preset", "full", "--out", "x", "-c", "top-k=64"])
+    with pytest.raises(SystemExit) as exited:
+        chosen_preset(PRESETS, bad)  # the full preset has 32 experts
+    assert exited.value.code == 2
