@@ -94,7 +94,9 @@ def state_folder(msg: Message, context: Context, site: int) -> Path:
     personal parts (``<state-dir>/<run name>``, default ``<run folder>/sites/site-<id>``)."""
     run_dir = Path(str(msg.content[wire.CONFIG][wire.RUN_DIR]))
     state_dir = context.node_config.get("state-dir")
-    return Path(str(state_dir)) / run_dir.name if state_dir else run_dir / "sites" / f"site-{site}"
+    folder = Path(str(state_dir)) / run_dir.name if state_dir else run_dir / "sites" / f"site-{site}"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # the site's alone, whatever the umask lets others read
+    return folder
 
 
 def restore_personal(cfg: RunConfig, context: Context, model: nn.Module, folder: Path) -> None:

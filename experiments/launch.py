@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -131,6 +132,7 @@ def simulation_superlink(log_path: Path) -> Iterator[tuple[str, dict[str, str]]]
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
             process.wait()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def submit(app: Path, connection: str, env: Mapping[str, str], overrides: Mapping[str, Any],

@@ -43,3 +43,27 @@ def utilisation_panels(site_counts: dict[str, Sequence[float]], num_experts: int
                                for site, counts in site_counts.items()}
         for layer in range(layers)
     }
+
+
+def plot_learning_curve(rounds: Sequence[dict], path, title: str) -> None:
+    """Global test accuracy against round, and (DP runs) the largest epsilon spent on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = [r["round"] for r in rounds]
+    ax.plot(x, [r["accuracy"] for r in rounds], marker="o", color="tab:blue", label="global test accuracy")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy", color="tab:blue")
+    ax.grid(True, alpha=0.3)
+    eps = [(r["round"], r["epsilon_max"]) for r in rounds if r.get("epsilon_max") is not None]
+    if eps:
+        twin = ax.twinx()
+        twin.plot(*zip(*eps), marker="s", color="tab:red", label="largest epsilon spent")
+        twin.set_ylabel("epsilon (max over sites)", color="tab:red")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,21 +1,29 @@
-"""Run folder: per-round console table, summary.json, checkpoints, all written atomically.
+"""Run folder: per-round console table (also in run.log), summary.json, metrics.csv,
+checkpoints, all written atomically.
 
 A crash at any point leaves the previous summary.json and checkpoint intact: every file is
-written to a temporary name in the same folder and moved into place with os.replace.
+written to a temporary name in the same folder and moved into place with os.replace. Files get
+the permissions the process's umask gives a new file (mkstemp's 0600 would hide results from
+the group); what a site must keep to itself lives in its state folder, which it creates 0700.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import hashlib
+import io
 import json
+import logging
 import os
 import tempfile
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from flwr.supercore.logger import LOGGER_NAME
 
 
 def atomic_replace(path: Path, write: Callable[[str], None]) -> None:
@@ -26,10 +34,31 @@ def atomic_replace(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def log_to_file(path: Path) -> Iterator[None]:
+    """Flower's log (fedmoe's lines included) also goes to ``path`` while the block runs."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -67,6 +96,24 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
         digest.update(f"{key}:{t.dtype}:{list(t.shape)}".encode())
         digest.update(t.numpy().tobytes())
     return digest.hexdigest()
+
+
+METRICS_COLUMNS = ("round", "accuracy", "loss", "site_accuracy_mean", "uplink_bytes", "downlink_bytes", "epsilon_max",
+                   "epsilon_mean", "expert_load_cv", "replies", "rejected_replies", "elapsed_seconds")
+
+
+def metrics_csv(rounds: list[dict[str, Any]]) -> str:
+    """metrics.csv: one row per round (rejected_replies counted; empty cells where a value is
+    not measured, e.g. epsilon without DP)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(METRICS_COLUMNS)
+    for row in rounds:
+        site_acc = list(row.get("site_accuracy", {}).values())
+        values = {**row, "site_accuracy_mean": sum(site_acc) / len(site_acc) if site_acc else None,
+                  "rejected_replies": len(row.get("rejected_replies", []))}
+        writer.writerow(["" if values.get(c) is None else values[c] for c in METRICS_COLUMNS])
+    return out.getvalue()
 
 
 def _format_experts(active: dict[str, list[int]]) -> str:
@@ -121,13 +168,19 @@ class RunRecorder:
         point_latest(self.results_dir, self.run_dir)
         self._write()
 
+    def say(self, line: str) -> None:
+        """A line for the console and run.log."""
+        print(line, flush=True)
+        with open(self.run_dir / "run.log", "a") as f:
+            f.write(line + "\n")
+
     def keep_rounds_up_to(self, last_round: int) -> None:
         """Drop rows after the checkpoint a resumed run restarts from."""
         self.summary["rounds"] = [r for r in self.summary["rounds"] if r["round"] <= last_round]
 
     def record_round(self, row: dict[str, Any]) -> None:
         if not self.summary["rounds"]:
-            print(self.HEADER, flush=True)
+            self.say(self.HEADER)
         row["elapsed_seconds"] = round(time.time() - self.started, 2)  # since this ServerApp started
         self.summary["rounds"].append(row)
         self.summary["final_accuracy"] = row["accuracy"]
@@ -139,11 +192,10 @@ class RunRecorder:
         site_acc = list(row.get("site_accuracy", {}).values())
         site_col = f"{sum(site_acc) / len(site_acc):>8.4f}" if site_acc else f"{'-':>8}"
         skipped = f" (budget exhausted: {','.join(sorted(row['budget_exhausted']))})" if row.get("budget_exhausted") else ""
-        print(
+        self.say(
             f"{row['round']:>5} {row['accuracy']:>7.4f} {row['loss']:>7.4f} {site_col} {_mb(row['uplink_bytes']):>9} "
             f"{_mb(row['downlink_bytes']):>9} {row['expert_load_cv']:>7.3f} {eps_cols}  "
-            f"{_format_experts(row['active_experts'])}{skipped}",
-            flush=True,
+            f"{_format_experts(row['active_experts'])}{skipped}"
         )
         self._write()
 
@@ -169,3 +221,4 @@ class RunRecorder:
 
     def _write(self) -> None:
         atomic_write_json(self.run_dir / "summary.json", self.summary)
+        atomic_write_bytes(self.run_dir / "metrics.csv", metrics_csv(self.summary["rounds"]).encode())

@@ -16,8 +16,8 @@ from flwr.supercore import log
 from fedmoe import tasks, wire
 from fedmoe.config import RunConfig
 from fedmoe.personalization import personal_keys
-from fedmoe.plots import plot_utilisation, utilisation_panels
-from fedmoe.results import RunRecorder, end_status, rounds_without_updates, state_sha256
+from fedmoe.plots import plot_learning_curve, plot_utilisation, utilisation_panels
+from fedmoe.results import RunRecorder, end_status, log_to_file, rounds_without_updates, state_sha256
 from fedmoe.training import evaluate
 
 from .strategy import ExpertMatched, FedAvgMoE, RoundStats
@@ -51,81 +51,84 @@ def main(grid: Grid, context: Context) -> None:
         run_name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-run{context.run_id}"
         recorder = RunRecorder(cfg.results_dir, run_name, cfg.as_run_config(), full_model_bytes, extra)
         done, strategy_state = 0, {}
-    initial_state = model.state_dict()
-    recorder.summary.setdefault("starts", []).append({"after_round": done, "model_sha256": state_sha256(initial_state)})
-    log(INFO, "fedmoe: run folder %s", recorder.run_dir)
-    warnings = privacy_warnings(cfg)
-    if warnings:
-        recorder.summary["privacy_warnings"] = warnings
-    if cfg.dp:
-        log(INFO, "fedmoe: differential privacy ON: DP-SGD (%s clipping, C=%s), target (epsilon=%s, delta=%s) per site, RDP accountant",
-            cfg.dp_mode, cfg.max_grad_norm, cfg.target_epsilon, cfg.target_delta)
-        if not cfg.dp_site_evaluation:
-            log(INFO, "fedmoe: sites do not evaluate on their own test splits under DP (those metrics would be charged "
-                "to nothing); dp-site-evaluation=true asks for them, outside the guarantee")
-    else:
-        log(INFO, "fedmoe: differential privacy OFF (dp=false)")
-    for warning in warnings:
-        log(WARNING, "fedmoe: %s", warning)
-    if done >= cfg.num_server_rounds:
-        recorder.finish("completed")
-        log(INFO, "fedmoe: nothing to do: %d of %d rounds already done", done, cfg.num_server_rounds)
-        return
+    with log_to_file(recorder.run_dir / "run.log"):  # the console log, kept beside the results
+        initial_state = model.state_dict()
+        recorder.summary.setdefault("starts", []).append({"after_round": done, "model_sha256": state_sha256(initial_state)})
+        log(INFO, "fedmoe: run folder %s", recorder.run_dir)
+        warnings = privacy_warnings(cfg)
+        if warnings:
+            recorder.summary["privacy_warnings"] = warnings
+        if cfg.dp:
+            log(INFO, "fedmoe: differential privacy ON: DP-SGD (%s clipping, C=%s), target (epsilon=%s, delta=%s) per site, RDP accountant",
+                cfg.dp_mode, cfg.max_grad_norm, cfg.target_epsilon, cfg.target_delta)
+            if not cfg.dp_site_evaluation:
+                log(INFO, "fedmoe: sites do not evaluate on their own test splits under DP (those metrics would be charged "
+                    "to nothing); dp-site-evaluation=true asks for them, outside the guarantee")
+        else:
+            log(INFO, "fedmoe: differential privacy OFF (dp=false)")
+        for warning in warnings:
+            log(WARNING, "fedmoe: %s", warning)
+        if done >= cfg.num_server_rounds:
+            recorder.finish("completed")
+            log(INFO, "fedmoe: nothing to do: %d of %d rounds already done", done, cfg.num_server_rounds)
+            return
 
-    robust = {"rules": cfg.robust_rules()} if cfg.strategy == "expert-matched" else {}
-    fraction_evaluate = cfg.fraction_evaluate if not cfg.dp or cfg.dp_site_evaluation else 0.0
-    strategy = STRATEGIES[cfg.strategy](
-        num_experts=cfg.num_experts,
-        round_offset=done,
-        sparse_downlink=cfg.sparse_downlink,
-        max_update_norm=cfg.max_update_norm,
-        **robust,
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=fraction_evaluate,
-        min_train_nodes=cfg.min_nodes,
-        min_evaluate_nodes=cfg.min_nodes if fraction_evaluate > 0 else 0,
-        min_available_nodes=cfg.min_nodes,
-        server_optimizer=cfg.server_optimizer_state(),
-        personal=personal_keys(initial_state, cfg.personalize),
-    )
-    strategy.load_state(strategy_state)
-
-    def central_evaluate(server_round: int, arrays) -> MetricRecord:
-        model.load_state_dict(wire.to_state_dict(arrays))
-        loss, accuracy = evaluate(model, test_inputs, test_targets)
-        if server_round > 0:
-            server_round += done
-            recorder.checkpoint(server_round, model.state_dict(), strategy.state())
-            stats = strategy.round_stats.get(server_round, RoundStats())
-            row = {"round": server_round, "accuracy": accuracy, "loss": loss, **dataclasses.asdict(stats)}
-            if bits_per_char_per_nat is not None:
-                row["bits_per_char"] = loss * bits_per_char_per_nat
-            recorder.record_round(row)
-            if cfg.dp:
-                recorder.write_privacy_ledger(strategy.ledgers)
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
-
-    try:
-        strategy.start(
-            grid=grid, initial_arrays=wire.to_record(initial_state), num_rounds=cfg.num_server_rounds - done,
-            timeout=cfg.round_timeout, train_config=ConfigRecord({wire.RUN_DIR: str(recorder.run_dir)}),
-            evaluate_config=ConfigRecord({wire.RUN_DIR: str(recorder.run_dir)}), evaluate_fn=central_evaluate,
+        robust = {"rules": cfg.robust_rules()} if cfg.strategy == "expert-matched" else {}
+        fraction_evaluate = cfg.fraction_evaluate if not cfg.dp or cfg.dp_site_evaluation else 0.0
+        strategy = STRATEGIES[cfg.strategy](
+            num_experts=cfg.num_experts,
+            round_offset=done,
+            sparse_downlink=cfg.sparse_downlink,
+            max_update_norm=cfg.max_update_norm,
+            **robust,
+            fraction_train=cfg.fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=cfg.min_nodes,
+            min_evaluate_nodes=cfg.min_nodes if fraction_evaluate > 0 else 0,
+            min_available_nodes=cfg.min_nodes,
+            server_optimizer=cfg.server_optimizer_state(),
+            personal=personal_keys(initial_state, cfg.personalize),
         )
-    except BaseException:
-        recorder.finish("failed")
-        raise
-    rounds = recorder.summary["rounds"]
-    idle = rounds_without_updates(rounds)
-    if idle:
-        log(WARNING, "fedmoe: rounds %s aggregated no site update; the global model did not change in them", idle)
-    status, failure = end_status(rounds)
-    path = recorder.finish(status, rounds_without_updates=idle, **({"failure": failure} if failure else {}))
-    if failure:  # raised so that Flower, too, lists the run as failed
-        raise RuntimeError(f"fedmoe: run failed: {failure}")
-    write_utilisation_heat_map(cfg, recorder)
-    log(INFO, "fedmoe: final global accuracy %.4f; summary at %s", recorder.summary["final_accuracy"], path)
-    if bits_per_char_per_nat is not None:
-        log(INFO, "fedmoe: final bits per character %.4f", recorder.summary["rounds"][-1]["bits_per_char"])
+        strategy.load_state(strategy_state)
+
+        def central_evaluate(server_round: int, arrays) -> MetricRecord:
+            model.load_state_dict(wire.to_state_dict(arrays))
+            loss, accuracy = evaluate(model, test_inputs, test_targets)
+            if server_round > 0:
+                server_round += done
+                recorder.checkpoint(server_round, model.state_dict(), strategy.state())
+                stats = strategy.round_stats.get(server_round, RoundStats())
+                row = {"round": server_round, "accuracy": accuracy, "loss": loss, **dataclasses.asdict(stats)}
+                if bits_per_char_per_nat is not None:
+                    row["bits_per_char"] = loss * bits_per_char_per_nat
+                recorder.record_round(row)
+                if cfg.dp:
+                    recorder.write_privacy_ledger(strategy.ledgers)
+            return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+        try:
+            strategy.start(
+                grid=grid, initial_arrays=wire.to_record(initial_state), num_rounds=cfg.num_server_rounds - done,
+                timeout=cfg.round_timeout, train_config=ConfigRecord({wire.RUN_DIR: str(recorder.run_dir)}),
+                evaluate_config=ConfigRecord({wire.RUN_DIR: str(recorder.run_dir)}), evaluate_fn=central_evaluate,
+            )
+        except BaseException:
+            recorder.finish("failed")
+            raise
+        rounds = recorder.summary["rounds"]
+        idle = rounds_without_updates(rounds)
+        if idle:
+            log(WARNING, "fedmoe: rounds %s aggregated no site update; the global model did not change in them", idle)
+        status, failure = end_status(rounds)
+        path = recorder.finish(status, rounds_without_updates=idle, **({"failure": failure} if failure else {}))
+        if failure:  # raised so that Flower, too, lists the run as failed
+            raise RuntimeError(f"fedmoe: run failed: {failure}")
+        write_utilisation_heat_map(cfg, recorder)
+        plot_learning_curve(rounds, recorder.run_dir / "learning_curve.png",
+                            f"{recorder.run_dir.name}: {cfg.task}, {cfg.strategy}, {'DP' if cfg.dp else 'no DP'}")
+        log(INFO, "fedmoe: final global accuracy %.4f; summary at %s", recorder.summary["final_accuracy"], path)
+        if bits_per_char_per_nat is not None:
+            log(INFO, "fedmoe: final bits per character %.4f", recorder.summary["rounds"][-1]["bits_per_char"])
 
 
 def privacy_warnings(cfg: RunConfig) -> list[str]:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fedmoe import wire
+from fedmoe import results as results_module, wire
 from fedmoe.config import RunConfig
 from fedmoe.model import ExpertBank, MoEClassifier
 
@@ -33,6 +33,12 @@ def test_run_completes_and_writes_summary(run):
         assert set(r["active_experts"]) == {"0", "1", "2"}
         assert set(r["site_accuracy"]) == {"0", "1", "2"}
     assert summary["final_accuracy"] == summary["rounds"][-1]["accuracy"]
+    run_dir = results / "expert_matched"
+    for name in ("summary.json", "metrics.csv", "learning_curve.png", "expert_utilisation.png", "run.log", "checkpoint.pt"):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o666 & ~results_module.current_umask(), name
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 3
+    log = (run_dir / "run.log").read_text()
+    assert f"fedmoe: run folder {run_dir}" in log and "final global accuracy" in log and "\n    2  " in log
 
 
 def test_every_reply_is_smaller_than_the_full_model(run):
