@@ -255,8 +255,10 @@ def headline(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def mean_site_accuracy(result: dict[str, Any]) -> float:
-    return float(np.mean(list(result["per_site_accuracy"].values())))
+def mean_site_accuracy(result: dict[str, Any]) -> float | None:
+    """Mean accuracy of the sites on their own test splits; None for a method without sites (centralized)."""
+    accuracies = list(result["per_site_accuracy"].values())
+    return float(np.mean(accuracies)) if accuracies else None
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -265,7 +267,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         rows.append({
             "method": name,
             "final_accuracy": f"{r['final_accuracy']:.4f}",
-            "mean_per_site_accuracy": f"{mean_site_accuracy(r):.4f}",
+            "mean_per_site_accuracy": "-" if mean_site_accuracy(r) is None else f"{mean_site_accuracy(r):.4f}",
             "uplink_MB": f"{r['uplink_bytes_total'] / 1e6:.3f}",
             "downlink_MB": f"{r['downlink_bytes_total'] / 1e6:.3f}",
             "rounds": r["rounds"],

@@ -103,6 +103,9 @@ def flower_env(home: Path) -> dict[str, str]:
     PATH (the SuperLink and SuperNodes spawn flower-superexec and the app processes by name)."""
     return {
         **os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+        # Ray's coming default (leave CUDA_VISIBLE_DEVICES alone when an actor asks for no GPU);
+        # set, it also stops Ray's FutureWarning about the change in every run
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
 

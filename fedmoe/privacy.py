@@ -326,12 +326,16 @@ def train_private(
     # optimizer's own flag selects only the hardened noise sampling
     private_optimizer.secure_mode = True
     try:
-        if max_physical_batch_size > 0:
-            with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=max_physical_batch_size,
-                                    optimizer=private_optimizer) as physical_loader:
-                loss = train_epochs(private_model, physical_loader, private_optimizer, epochs, criterion)
-        else:
-            loss = train_epochs(private_model, private_loader, private_optimizer, epochs, criterion)
+        with warnings.catch_warnings():
+            # torch's note that a full backward hook fires on module outputs when the inputs need
+            # no gradient: ghost clipping's second backward pass does exactly that, by design
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+            if max_physical_batch_size > 0:
+                with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=max_physical_batch_size,
+                                        optimizer=private_optimizer) as physical_loader:
+                    loss = train_epochs(private_model, physical_loader, private_optimizer, epochs, criterion)
+            else:
+                loss = train_epochs(private_model, private_loader, private_optimizer, epochs, criterion)
     finally:
         private_model._close()  # detach Opacus' hooks; ``model`` holds the trained weights
     ledger.history = [tuple(h) for h in engine.accountant.history]

@@ -27,6 +27,7 @@ the site's differential privacy. The ClientApp checks each reply against it befo
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -89,7 +90,11 @@ def expert_id(key: str, num_experts: int) -> int | None:
 
 
 def to_record(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: torch.as_tensor(v) for k, v in state.items()})
+    with warnings.catch_warnings():
+        # arrays decoded from a message are read-only views of its bytes; the tensors made from
+        # them are only serialised again, never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return ArrayRecord({k: torch.as_tensor(v) for k, v in state.items()})
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
