@@ -66,15 +66,11 @@ def close(a: float, b: float) -> bool:
     return a == b or math.isclose(a, b, rel_tol=REL_TOL, abs_tol=1e-12)
 
 
-def as_float(x: Any) -> float:
-    return math.inf if x == "inf" else float(x)
-
-
 def audit_site(site: str, ledger: dict[str, Any], config: dict[str, Any], rounds: list[dict[str, Any]]) -> tuple[list[str], str]:
     """(problems, summary line) for one site's ledger against the run's config and rounds."""
     problems = []
     delta = float(config["target-delta"])
-    target = as_float(config["target-epsilon"])
+    target = float(config["target-epsilon"])
     batch, epochs = int(config["batch-size"]), int(config["local-epochs"])
     sigma, sigma_c = float(ledger["noise_multiplier"]), float(ledger["count_noise_multiplier"])
     history = [list(h) for h in ledger["history"]]
@@ -89,7 +85,7 @@ def audit_site(site: str, ledger: dict[str, Any], config: dict[str, Any], rounds
     for key, expected in (("delta", delta), ("count_noise_multiplier", float(config["count-noise-multiplier"]))):
         if not close(float(ledger[key]), expected):
             problems.append(f"{key} {ledger[key]} differs from the config's {expected}")
-    if not close(as_float(ledger["target_epsilon"]), target):
+    if not close(float(ledger["target_epsilon"]), target):
         problems.append(f"target epsilon {ledger['target_epsilon']} differs from the config's {target}")
 
     # the data size the server saw, and what it fixes
@@ -112,7 +108,7 @@ def audit_site(site: str, ledger: dict[str, Any], config: dict[str, Any], rounds
         if len(entries) != 2 or not all(close(float(a), float(b)) for e, x in zip(entries, expected) for a, b in zip(e, x)):
             problems.append(f"round {record['round']} charged {entries}, expected {expected}")
         prefix = rdp_epsilon([list(h) for h in compose(charged)], delta)
-        if not close(prefix, as_float(record["epsilon"])):
+        if not close(prefix, float(record["epsilon"])):
             problems.append(f"round {record['round']}: recorded epsilon {record['epsilon']}, recomputed {prefix:.6g}")
     if compose(charged) != compose(history):
         problems.append("history is not the composition of the rounds' charges (entries missing or added)")
@@ -123,9 +119,9 @@ def audit_site(site: str, ledger: dict[str, Any], config: dict[str, Any], rounds
         problems.append(f"rounds {sorted(received - ledger_rounds)} sent updates the ledger does not charge")
 
     # what was reported
-    if not close(epsilon, as_float(ledger.get("epsilon", math.nan))):
+    if not close(epsilon, float(ledger.get("epsilon", math.nan))):
         problems.append(f"ledger reports epsilon {ledger.get('epsilon')}, its history gives {epsilon:.6g}")
-    by_round = {int(r["round"]): as_float(r["epsilon"]) for r in ledger.get("rounds", [])}
+    by_round = {int(r["round"]): float(r["epsilon"]) for r in ledger.get("rounds", [])}
     for r in rounds:
         reported = r.get("site_epsilon", {}).get(site)
         if reported is not None and int(r["round"]) in by_round and not close(float(reported), by_round[int(r["round"])]):
@@ -144,10 +140,12 @@ def audit_site(site: str, ledger: dict[str, Any], config: dict[str, Any], rounds
         if planned > target * (1 + REL_TOL):
             problems.append(f"noise multiplier {sigma} gives epsilon {planned:.4g} > target over the planned {total_rounds} rounds")
 
+    # counted per round (a count release first, then the steps): with q = 1 a step's entry looks like a release
+    releases = sum(int(record["charged"][0][2]) for record in ledger.get("rounds", []))
+    steps = sum(int(e[2]) for record in ledger.get("rounds", []) for e in record["charged"][1:])
     line = (f"epsilon {epsilon:.4f} (target {target:g}, delta {delta:g}) over {len(ledger_rounds)} rounds: "
             f"noise multiplier {sigma:.4g}, sample rate {float(ledger['sample_rate']):.4g}, "
-            f"{sum(int(h[2]) for h in history if float(h[1]) != 1.0)} DP-SGD steps, "
-            f"{sum(int(h[2]) for h in history if float(h[1]) == 1.0)} count releases (sigma {sigma_c:g})")
+            f"{steps} DP-SGD steps, {releases} count releases (sigma {sigma_c:g})")
     return problems, line
 
 

@@ -2,11 +2,13 @@
 
     .venv/bin/python scripts/mutation_report.py [--survivors FILE]
 
-Reads `mutmut results --all true`. A survivor listed in tests/equivalent_mutants.txt (one
-"mutant-name  reason" per line) is equivalent: no test can tell it from the original, and the
-line says why. The score of a module is killed / (mutants - equivalent). Prints a Markdown table
-(the one TESTING.md records) and every survivor that is not declared equivalent, with its diff
-in --survivors FILE when given. Exits 1 when such a survivor remains.
+Reads `mutmut results --all true`. Every survivor needs a verdict in tests/survivors.txt, one
+line "mutant-name  equivalent: why" or "mutant-name  accepted: why":
+  equivalent  no test can tell it from the original (the line says why); left out of the score
+  accepted    a real change no test pins, left so on purpose (the line says why); counts as survived
+The score of a module is killed / (mutants - equivalent). Prints a Markdown table (the one
+TESTING.md records) and every survivor without a verdict, with its diff in --survivors FILE
+when given. Exits 1 when such a survivor remains.
 """
 
 from __future__ import annotations
@@ -20,16 +22,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTMUT = Path(sys.executable).parent / "mutmut"
-EQUIVALENT = ROOT / "tests" / "equivalent_mutants.txt"
+VERDICTS = ROOT / "tests" / "survivors.txt"
 KILLED = {"killed", "timeout"}  # a mutant that makes the tests hang is caught too
 
 
-def equivalent_mutants() -> dict[str, str]:
+def verdicts() -> dict[str, str]:
+    """{mutant name: 'equivalent' or 'accepted'} from tests/survivors.txt."""
     found = {}
-    for line in EQUIVALENT.read_text().splitlines() if EQUIVALENT.exists() else []:
+    for line in VERDICTS.read_text().splitlines() if VERDICTS.exists() else []:
         if line.strip() and not line.startswith("#"):
             name, _, reason = line.strip().partition(" ")
-            found[name] = reason.strip()
+            verdict = reason.strip().split(":", 1)[0]
+            if verdict not in ("equivalent", "accepted"):
+                raise SystemExit(f"{VERDICTS}: {name}: the verdict must be 'equivalent:' or 'accepted:', got {reason.strip()!r}")
+            found[name] = verdict
     return found
 
 
@@ -45,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     listing = subprocess.run([str(MUTMUT), "results", "--all", "true"], cwd=ROOT, capture_output=True, text=True, check=True)
     status = dict(re.findall(r"^\s*(\S+): (.+)$", listing.stdout, flags=re.MULTILINE))
-    equivalent = equivalent_mutants()
+    verdict = verdicts()
     by_module: dict[str, Counter] = defaultdict(Counter)
     unexplained = []
     for name, state in status.items():
@@ -53,21 +59,24 @@ def main(argv: list[str] | None = None) -> int:
         counts["mutants"] += 1
         if state in KILLED:
             counts["killed"] += 1
-        elif name in equivalent:
+        elif verdict.get(name) == "equivalent":
             counts["equivalent"] += 1
         else:
             counts["survived" if state == "survived" else "other"] += 1
-            unexplained.append((name, state))
-    stale = sorted(set(equivalent) - {n for n, s in status.items() if s not in KILLED})
-    print("| module | mutants | killed | equivalent | survived | not run | killed of non-equivalent |")
+            counts["accepted"] += verdict.get(name) == "accepted"
+            if name not in verdict:
+                unexplained.append((name, state))
+    stale = sorted(set(verdict) - {n for n, s in status.items() if s not in KILLED})
+    print("| module | mutants | killed | equivalent | survived (accepted) | not run | killed of non-equivalent |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for module, c in sorted(by_module.items()):
         score = c["killed"] / max(c["mutants"] - c["equivalent"], 1)
-        print(f"| {module} | {c['mutants']} | {c['killed']} | {c['equivalent']} | {c['survived']} | {c['other']} | {score:.1%} |")
+        print(f"| {module} | {c['mutants']} | {c['killed']} | {c['equivalent']} | {c['survived']} ({c['accepted']}) "
+              f"| {c['other']} | {score:.1%} |")
     for name, state in unexplained:
         print(f"unexplained {state}: {name}")
     for name in stale:
-        print(f"listed as equivalent but killed or gone: {name}")
+        print(f"has a verdict but was killed or is gone: {name}")
     if args.survivors:
         diffs = [subprocess.run([str(MUTMUT), "show", name], cwd=ROOT, capture_output=True, text=True).stdout
                  for name, _ in unexplained]

@@ -279,6 +279,8 @@ def test_direction_outliers_are_reported_with_their_cosine():
 def test_the_cosine_test_on_small_updates_and_at_its_boundary():
     _, dropped = robust(expert_updates([[0.01, 0.01], [0.01, 0.009], [-0.01, -0.011]]), outlier_min_cosine=0.0)
     assert [d.split(":")[0] for d in dropped] == ["site 2"]  # small norms are still directions
+    _, dropped = robust(expert_updates([[0.01, 0.01], [0.01, 0.009], [0.012, 0.01]]), outlier_min_cosine=0.9)
+    assert dropped == []  # aligned small updates have cosines near 1, not their tiny dot products
     _, dropped = robust(expert_updates([[1, 0], [1, 0], [0, 1]]), outlier_min_cosine=0.0)
     assert dropped == []  # cosine exactly 0 is not below 0
     _, dropped = robust(expert_updates([[1, 0], [-1, 0], [0, 0]]), outlier_min_cosine=0.5)

@@ -9,7 +9,7 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedmoe.audit import as_float, audit, audit_site, close, compare_copies, rdp_epsilon
+from fedmoe.audit import audit, audit_site, close, compare_copies, rdp_epsilon
 
 CONFIG = {"dp": True, "target-epsilon": 8.0, "target-delta": 1e-5, "batch-size": 32, "local-epochs": 2,
           "count-noise-multiplier": 20.0, "noise-multiplier": 0.0, "num-server-rounds": 3, "dp-reproducible-noise": False}
@@ -103,7 +103,7 @@ def test_accounting_helpers():
     assert rdp_epsilon([], 1e-5) == 0.0
     assert rdp_epsilon([[0.0, 0.1, 3]], 1e-5) == math.inf and rdp_epsilon([[1.0, 0.1, 3]], 1e-5) < 10
     assert close(1.0, 1.0 + 1e-7) and not close(1.0, 1.00001) and close(0.0, 1e-13) and not close(0.0, 1e-9)
-    assert close(math.inf, math.inf) and as_float("inf") == math.inf and as_float(2) == 2.0
+    assert close(math.inf, math.inf)
 
 
 def test_an_unbounded_target_is_read_from_the_ledger_and_the_config():
@@ -183,3 +183,74 @@ def test_the_command_line_prints_the_report_and_exits_with_the_verdict(tmp_path,
     own.write_text(json.dumps(ledger))
     assert main([str(tmp_path), "--site-ledger", str(own)]) == 1
     assert "       - site's own ledger has noise_multiplier 9.0, the server's copy 1.1" in capsys.readouterr().out.splitlines()
+
+
+def write_run(folder, sites, config=CONFIG):
+    """A run folder holding the given {site: (ledger, rows)} as the server writes them."""
+    rows = [dict(r) for r in next(iter(sites.values()))[1]]
+    for r in rows:
+        r["site_epsilon"] = {s: rs[i]["site_epsilon"]["0"] for s, (_, rs) in sites.items() for i in [r["round"] - 1]}
+        r["site_num_examples"] = {s: N for s in sites}
+    ledgers = {s: {**ledger, "site": int(s)} for s, (ledger, _) in sites.items()}
+    (folder / "summary.json").write_text(json.dumps({"config": config, "rounds": rows}))
+    (folder / "privacy_ledger.json").write_text(json.dumps({"sites": ledgers}))
+    return ledgers
+
+
+def test_a_failing_site_fails_the_verdict_and_sites_are_listed_in_numeric_order(tmp_path):
+    ledgers = write_run(tmp_path, {"10": honest(), "2": honest()})
+    ok, lines = audit(tmp_path)
+    assert ok and [line[:12] for line in lines[:2]] == ["ok   site 2:", "ok   site 10"]
+    ledgers["10"]["epsilon"] = 0.5  # the server's copy under-reports what site 10 spent
+    (tmp_path / "privacy_ledger.json").write_text(json.dumps({"sites": ledgers}))
+    ok, lines = audit(tmp_path)
+    assert not ok and lines[0].startswith("ok   site 2:") and lines[1].startswith("FAIL site 10:")
+    assert lines[-1] == f"verdict: FAIL: 2 site ledgers in {tmp_path}"
+
+
+def test_the_sites_own_ledgers_in_the_run_folder_are_compared(tmp_path):
+    """A simulation keeps each site's own ledger in sites/site-N/: the audit reads them itself."""
+    ledgers = write_run(tmp_path, {"0": honest(), "1": honest()})
+    for site in ("0", "1"):
+        (tmp_path / "sites" / f"site-{site}").mkdir(parents=True)
+        (tmp_path / "sites" / f"site-{site}" / "privacy_ledger.json").write_text(json.dumps(ledgers[site]))
+    assert audit(tmp_path)[0]
+    own = {**ledgers["1"], "sample_rate": 0.5}
+    (tmp_path / "sites" / "site-1" / "privacy_ledger.json").write_text(json.dumps(own))
+    ok, lines = audit(tmp_path)
+    assert not ok and lines[0].startswith("ok   site 0:") and lines[1].startswith("FAIL site 1:")
+    assert lines[2] == "       - site's own ledger has sample_rate 0.5, the server's copy 0.125"
+
+
+def test_spending_exactly_the_target_passes():
+    ledger, rows = honest()
+    spent = ledger["epsilon"]
+    assert problems_of(ledger, rows, {**CONFIG, "target-epsilon": spent}) == [f"target epsilon 8.0 differs from the config's {spent}"]
+    ledger["target_epsilon"] = spent
+    assert problems_of(ledger, rows, {**CONFIG, "target-epsilon": spent}) == []
+    below = spent * (1 - 3e-6)
+    ledger["target_epsilon"] = below
+    assert problems_of(ledger, rows, {**CONFIG, "target-epsilon": below}) == [
+        f"epsilon {spent:.6g} exceeds the target {below}",
+        f"noise multiplier 1.1 gives epsilon {spent:.4g} > target over the planned 3 rounds",  # the plan was these 3 rounds
+    ]
+
+
+def test_a_configured_noise_multiplier_below_one_is_checked_too():
+    ledger, rows = honest()
+    assert problems_of(ledger, rows, {**CONFIG, "noise-multiplier": 0.5}) == ["noise multiplier 1.1 differs from the configured 0.5"]
+
+
+def test_one_step_rounds_are_counted_as_steps_not_releases():
+    """With all examples in one batch (q = 1) a round's step looks like a count release in the
+    history; the report counts per round."""
+    config = {**CONFIG, "batch-size": 512, "local-epochs": 1, "noise-multiplier": SIGMA}
+    charged = []
+    records, rows = [], []
+    for r in (1, 2):
+        charged += [[20.0, 1.0, 1], [SIGMA, 1.0, 1]]
+        records.append({"round": r, "charged": [[20.0, 1.0, 1], [SIGMA, 1.0, 1]], "epsilon": epsilon(charged)})
+        rows.append({"round": r, "site_epsilon": {"0": records[-1]["epsilon"]}, "site_num_examples": {"0": N}})
+    ledger = {**honest()[0], "sample_rate": 1.0, "history": charged, "rounds": records, "epsilon": records[-1]["epsilon"]}
+    problems, line = audit_site("0", ledger, config, rows)
+    assert problems == [] and "2 DP-SGD steps, 2 count releases" in line

@@ -38,3 +38,11 @@ def test_boundaries_of_the_share_and_of_a_single_token():
 def test_counts_must_be_a_flat_vector():
     with pytest.raises(ValueError, match=r"^counts must be a flat vector of layers x 4, got \(2, 4\)$"):
         select_active_experts(np.ones((2, 4)), 4, 0.1, 1)
+    with pytest.raises(ValueError, match=r"got \(4, 4\)$"):
+        select_active_experts(np.ones((4, 4)), 4, 0.1, 1)  # as many rows as experts: still not flat
+
+
+def test_released_counts_below_one_token_are_shares_too():
+    """Noised counts are real numbers: a layer whose counts sum to less than one token still
+    selects by share."""
+    assert select_active_experts(np.array([0.3, 0.5, 0.2, 0.0]), 4, min_share=0.25, top_m=0) == [0, 1]

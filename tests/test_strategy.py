@@ -230,3 +230,14 @@ def test_expert_load_imbalance_is_the_mean_over_moe_layers():
     stats = s.round_stats[1]
     assert stats.expert_load == [1.0, 3.0, 2.0, 2.0]
     assert stats.expert_load_cv == pytest.approx((0.5 + 0.0) / 2)  # layer 0: std 1 / mean 2; layer 1: balanced
+
+
+def test_a_fresh_run_loads_an_empty_state_and_personal_parts_are_refused():
+    s = strategy(personal=frozenset({"head.weight"}))
+    s.load_state({})  # what the ServerApp passes a run that resumes nothing
+    assert s.ledgers == {}
+    s.global_arrays = dict(GLOBAL)
+    arrays, _ = s.aggregate_train(1, [reply(0, "valid", [1], 1)])  # every reply carries the head
+    assert s.round_stats[1].rejected_replies == [
+        "node 1: tensor 'head.weight' is a personal part (personalize): sites keep it"]
+    assert s.round_stats[1].replies == 0

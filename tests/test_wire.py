@@ -238,3 +238,19 @@ def test_evaluate_reply_boundaries():
     incomplete = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 3, wire.SITE: 1, wire.EVAL_ACCURACY: 0.5})})
     with pytest.raises(wire.InvalidReply, match="^evaluate reply lacks metrics$"):
         wire.decode_evaluate_reply(incomplete)
+
+
+def test_at_most_three_tensors_of_an_inactive_expert_are_named(model):
+    content = reply(model, [1, 6])
+    content.metric_records[wire.METRICS][wire.ACTIVE_EXPERTS] = [1]  # expert 6's four tensors are not active
+    with pytest.raises(wire.InvalidReply) as raised:
+        wire.decode_train_reply(content, global_arrays(model), 4)
+    assert str(raised.value) == ("tensors do not match the active experts [1]: missing [], not active "
+                                 "['moe_layers.1.experts.b_in_2', 'moe_layers.1.experts.b_out_2', 'moe_layers.1.experts.w_in_2']")
+
+
+def test_a_personal_part_in_a_reply_is_named(model):
+    content = reply(model, [1])
+    with pytest.raises(wire.InvalidReply) as raised:
+        wire.decode_train_reply(content, global_arrays(model), 4, personal=frozenset({"head.bias"}))
+    assert str(raised.value) == "tensor 'head.bias' is a personal part (personalize): sites keep it"
