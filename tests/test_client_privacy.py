@@ -17,7 +17,7 @@ from fedmoe.training import freeze_inactive_experts, make_optimizer
 from tests.sites import context, global_model, message, needs_fmnist, run_config, server_identity  # noqa: F401
 
 RUN = {"dp": True, "num-server-rounds": 3, "max-examples-per-site": 300, "d-model": 16, "expert-hidden": 16,
-       "batch-size": 32, "seed": 1, "noise-multiplier": 1.3, "target-epsilon": 50.0}
+       "batch-size": 32, "seed": 1, "noise-multiplier": 1.3, "target-epsilon": 50.0, "count-noise-multiplier": 20.0}
 
 
 def expected_epsilons(rounds, num_examples, batch_size, sigma, sigma_counts, delta):
