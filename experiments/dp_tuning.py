@@ -39,6 +39,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sites": 3, "config": {"batch-size": 1024},
         "grid": {"learning-rate": [0.04, 0.08], "learning-rate-decay": [0.85, 0.7], "count-noise-multiplier": [20.0, 60.0]},
     },
+    # the winner (now the default recipe) with a server optimizer on the averaged pseudo-gradient
+    "server-momentum": {
+        "sites": 3, "config": {"server-optimizer": "fedavgm"},
+        "grid": {"server-momentum": [0.3, 0.6]},
+    },
+    "server-adam": {
+        "sites": 3, "config": {"server-optimizer": "fedadam"},
+        "grid": {"server-learning-rate": [0.01, 0.03]},
+    },
     # a quick grid for trying the driver
     "smoke": {
         "sites": 3, "config": {"num-server-rounds": 2, "max-examples-per-site": 1000},

@@ -149,7 +149,7 @@ def audit_site(site: str, ledger: dict[str, Any], config: dict[str, Any], rounds
     return problems, line
 
 
-def compare_copies(site: str, sent: dict[str, Any], own: dict[str, Any]) -> list[str]:
+def compare_copies(sent: dict[str, Any], own: dict[str, Any]) -> list[str]:
     """A site's own ledger against the copy it sent: the same parameters, the sent rounds as a
     prefix of its own (it may have charged a round whose reply never arrived, never fewer), and
     its history the composition of its rounds."""
@@ -188,7 +188,7 @@ def audit(run_dir: Path, site_ledgers: list[Path] = ()) -> tuple[bool, list[str]
     for site, ledger in sorted(sites.items(), key=lambda kv: int(kv[0])):
         problems, line = audit_site(site, ledger, config, rounds)
         if site in own_copies:
-            problems += compare_copies(site, ledger, own_copies[site])
+            problems += compare_copies(ledger, own_copies[site])
         ok &= not problems
         lines.append(f"{'ok  ' if not problems else 'FAIL'} site {site}: {line}")
         lines.extend(f"       - {p}" for p in problems)

@@ -6,7 +6,8 @@ Reads `mutmut results --all true`. Every survivor needs a verdict in tests/survi
 line "mutant-name  equivalent: why" or "mutant-name  accepted: why":
   equivalent  no test can tell it from the original (the line says why); left out of the score
   accepted    a real change no test pins, left so on purpose (the line says why); counts as survived
-The score of a module is killed / (mutants - equivalent). Prints a Markdown table (the one
+The score of a module is killed / (mutants - equivalent); a timeout counts as killed (the tests
+caught a hang) unless the mutant has a verdict. Prints a Markdown table (the one
 TESTING.md records) and every survivor without a verdict, with its diff in --survivors FILE
 when given. Exits 1 when such a survivor remains.
 """
@@ -23,7 +24,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MUTMUT = Path(sys.executable).parent / "mutmut"
 VERDICTS = ROOT / "tests" / "survivors.txt"
-KILLED = {"killed", "timeout"}  # a mutant that makes the tests hang is caught too
 
 
 def verdicts() -> dict[str, str]:
@@ -57,16 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, state in status.items():
         counts = by_module[module_of(name)]
         counts["mutants"] += 1
-        if state in KILLED:
+        # a verdict outranks a timeout: an equivalent mutant can still time out when its tests are slow
+        if state == "killed" or (state == "timeout" and name not in verdict):
             counts["killed"] += 1
         elif verdict.get(name) == "equivalent":
             counts["equivalent"] += 1
         else:
-            counts["survived" if state == "survived" else "other"] += 1
+            counts["survived" if state in ("survived", "timeout") else "other"] += 1
             counts["accepted"] += verdict.get(name) == "accepted"
             if name not in verdict:
                 unexplained.append((name, state))
-    stale = sorted(set(verdict) - {n for n, s in status.items() if s not in KILLED})
+    stale = sorted(set(verdict) - {n for n, s in status.items() if s != "killed"})
     print("| module | mutants | killed | equivalent | survived (accepted) | not run | killed of non-equivalent |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for module, c in sorted(by_module.items()):

@@ -132,19 +132,19 @@ def test_a_noise_multiplier_must_be_the_configured_one_or_fit_the_planned_run():
 def test_a_site_may_hold_more_rounds_than_the_server_saw_never_different_ones():
     own, _ = honest(rounds=3)
     sent, _ = honest(rounds=2)
-    assert compare_copies("0", sent, own) == []
-    assert compare_copies("0", own, sent)  # the server holds a round the site does not
+    assert compare_copies(sent, own) == []
+    assert compare_copies(own, sent)  # the server holds a round the site does not
     other = copy.deepcopy(own)
     other["rounds"][0]["charged"][1][0] = 9.0
-    assert compare_copies("0", sent, other) == ["the rounds in the server's copy are not those of the site's own ledger",
+    assert compare_copies(sent, other) == ["the rounds in the server's copy are not those of the site's own ledger",
                                                 "the site's own history is not the composition of its rounds' charges"]
     for key in ("noise_multiplier", "count_noise_multiplier", "sample_rate", "num_examples", "delta", "reproducible_noise"):
         other = copy.deepcopy(own)
         other[key] = 7
-        assert compare_copies("0", sent, other) == [f"site's own ledger has {key} 7, the server's copy {sent[key]}"]
+        assert compare_copies(sent, other) == [f"site's own ledger has {key} 7, the server's copy {sent[key]}"]
     other = copy.deepcopy(own)
     other["history"].pop()
-    assert compare_copies("0", sent, other) == ["the site's own history is not the composition of its rounds' charges"]
+    assert compare_copies(sent, other) == ["the site's own history is not the composition of its rounds' charges"]
 
 
 def test_run_level_verdicts(tmp_path):
@@ -241,16 +241,77 @@ def test_a_configured_noise_multiplier_below_one_is_checked_too():
     assert problems_of(ledger, rows, {**CONFIG, "noise-multiplier": 0.5}) == ["noise multiplier 1.1 differs from the configured 0.5"]
 
 
-def test_one_step_rounds_are_counted_as_steps_not_releases():
+@pytest.mark.parametrize("sigma_c", [20.0, SIGMA], ids=["own-count-noise", "same-noise-merged"])
+def test_one_step_rounds_are_counted_as_steps_not_releases(sigma_c):
     """With all examples in one batch (q = 1) a round's step looks like a count release in the
-    history; the report counts per round."""
-    config = {**CONFIG, "batch-size": 512, "local-epochs": 1, "noise-multiplier": SIGMA}
-    charged = []
-    records, rows = [], []
+    history; the report counts per round. With the same noise for both, the accountant merges the
+    whole history into one entry, and the audit composes the rounds' charges the same way."""
+    config = {**CONFIG, "batch-size": 512, "local-epochs": 1, "noise-multiplier": SIGMA, "count-noise-multiplier": sigma_c,
+              "target-epsilon": 20.0}
+    charged, records, rows = [], [], []
     for r in (1, 2):
-        charged += [[20.0, 1.0, 1], [SIGMA, 1.0, 1]]
-        records.append({"round": r, "charged": [[20.0, 1.0, 1], [SIGMA, 1.0, 1]], "epsilon": epsilon(charged)})
-        rows.append({"round": r, "site_epsilon": {"0": records[-1]["epsilon"]}, "site_num_examples": {"0": N}})
-    ledger = {**honest()[0], "sample_rate": 1.0, "history": charged, "rounds": records, "epsilon": records[-1]["epsilon"]}
+        charged += [[sigma_c, 1.0, 1], [SIGMA, 1.0, 1]]
+        records.append({"round": r, "charged": [[sigma_c, 1.0, 1], [SIGMA, 1.0, 1]], "epsilon": epsilon(charged)})
+        rows.append({"round": r, "site_epsilon": {"0": records[-1]["epsilon"]}, "site_num_examples": {"0": 1}})
+    history = [[SIGMA, 1.0, 4]] if sigma_c == SIGMA else charged
+    ledger = {**honest()[0], "count_noise_multiplier": sigma_c, "sample_rate": 1.0, "num_examples": 1, "target_epsilon": 20.0,
+              "history": history, "rounds": records, "epsilon": records[-1]["epsilon"]}
     problems, line = audit_site("0", ledger, config, rows)
     assert problems == [] and "2 DP-SGD steps, 2 count releases" in line
+    ledger["history"] = charged[:-1]
+    assert audit_site("0", ledger, config, rows)[0][-2:] == [
+        "history is not the composition of the rounds' charges (entries missing or added)",
+        f"ledger reports epsilon {records[-1]['epsilon']}, its history gives {epsilon(charged[:-1]):.6g}",
+    ]
+
+
+@pytest.mark.parametrize("where, key, problem", [
+    ("ledger", "rounds", "history is not the composition of the rounds' charges (entries missing or added)"),
+    ("ledger", "epsilon", "ledger reports epsilon None, its history gives {eps:.6g}"),
+    ("ledger", "num_examples", "ledger does not say how many training examples the site has"),
+    ("rows", "site_epsilon", None),
+    ("rows", "site_num_examples", None),
+    ("config", "noise-multiplier", None),
+])
+def test_missing_keys_are_reported_not_raised(where, key, problem):
+    """A tampered or truncated file gets a FAIL line, not a traceback; keys the server may omit
+    (site metrics of a round, an unset noise multiplier) change nothing."""
+    ledger, rows = honest()
+    config = dict(CONFIG)
+    {"ledger": [ledger], "rows": rows, "config": [config]}[where][0].pop(key)
+    for r in rows[1:] if where == "rows" else []:
+        r.pop(key)
+    problems = problems_of(ledger, rows, config)
+    if problem is None:
+        assert problems == []
+    else:
+        assert problem.format(eps=epsilon([[20.0, 1.0, 1], [SIGMA, 1 / 8, 16]] * 3)) in problems
+
+
+def test_run_level_failures_with_the_ledgers_present(tmp_path):
+    ledgers = write_run(tmp_path, {"0": honest()}, {**CONFIG, "dp-reproducible-noise": True})
+    ok, lines = audit(tmp_path)
+    assert not ok and lines[0].startswith("FAIL run: dp-reproducible-noise=true") and lines[1].startswith("ok   site 0:")
+    rows = json.loads((tmp_path / "summary.json").read_text())["rounds"]
+    for r in rows:
+        r["site_epsilon"].update({"10": 1.0, "2": 1.0})  # two sites sent DP updates and left no ledger
+    (tmp_path / "summary.json").write_text(json.dumps({"config": CONFIG, "rounds": rows}))
+    ok, lines = audit(tmp_path)
+    assert not ok and lines[:2] == ["FAIL site 2: sent DP updates but has no ledger in privacy_ledger.json",
+                                    "FAIL site 10: sent DP updates but has no ledger in privacy_ledger.json"]
+    # the site's own copy agrees with the server's, yet the server's under-reports: still a failure
+    ledgers = write_run(tmp_path, {"0": honest()})
+    (tmp_path / "sites" / "site-0").mkdir(parents=True)
+    (tmp_path / "sites" / "site-0" / "privacy_ledger.json").write_text(json.dumps(ledgers["0"]))
+    ledgers["0"]["epsilon"] = 0.5
+    (tmp_path / "privacy_ledger.json").write_text(json.dumps({"sites": ledgers}))
+    ok, lines = audit(tmp_path)
+    assert not ok and lines[0].startswith("FAIL site 0:") and "ledger reports epsilon 0.5" in lines[1]
+
+
+def test_the_command_line_without_site_ledgers(tmp_path, capsys):
+    from fedmoe.audit import main
+
+    write_run(tmp_path, {"0": honest()})
+    assert main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"verdict: PASS: 1 site ledgers in {tmp_path}"
