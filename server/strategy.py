@@ -165,7 +165,9 @@ class FedAvgMoE(FedAvg):
         return True
 
     def decode_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[Message, wire.TrainReply]]:
-        """Valid train replies with their messages; every dropped one is logged and recorded with its reason."""
+        """Valid train replies with their messages, in site order; every dropped one is logged and
+        recorded with its reason. Replies arrive in whatever order the sites finish; floating-point
+        sums depend on order, so a fixed one keeps dp=false runs bit-reproducible."""
         stats = self._stats(server_round)
         valid = []
         for msg in replies:
@@ -187,7 +189,7 @@ class FedAvgMoE(FedAvg):
                     reason = f"node {node}: {exc}"
             log(WARNING, "round %d: dropped reply from %s", server_round, reason)
             stats.rejected_replies.append(reason)
-        return valid
+        return sorted(valid, key=lambda pair: (pair[1].site, pair[0].metadata.src_node_id))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset

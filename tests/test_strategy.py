@@ -241,3 +241,17 @@ def test_a_fresh_run_loads_an_empty_state_and_personal_parts_are_refused():
     assert s.round_stats[1].rejected_replies == [
         "node 1: tensor 'head.weight' is a personal part (personalize): sites keep it"]
     assert s.round_stats[1].replies == 0
+
+
+@pytest.mark.parametrize("cls", [ExpertMatched, FedAvgMoE])
+def test_the_new_model_does_not_depend_on_the_order_replies_arrive_in(cls):
+    """Sites finish in any order; float sums do not commute bit for bit, so replies are taken in site order."""
+    replies = [reply(site, "valid", [1, site] if cls is ExpertMatched else [0, 1, 2, 3], 1) for site in range(3)]
+    models = []
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        s = strategy(cls)
+        s.global_arrays = dict(GLOBAL)
+        arrays, _ = s.aggregate_train(1, [replies[i] for i in order])
+        models.append(wire.to_numpy(arrays))
+    for other in models[1:]:
+        assert all(np.array_equal(models[0][k], other[k]) for k in models[0])
