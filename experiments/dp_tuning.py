@@ -48,6 +48,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sites": 3, "config": {"server-optimizer": "fedadam"},
         "grid": {"server-learning-rate": [0.01, 0.03]},
     },
+    # label skew (each site holds other classes) pulls a learned head towards each site's classes:
+    # a fixed simplex-ETF head against the learned one, with and without DP
+    "fixed-head": {
+        "sites": 3, "config": {},
+        "grid": {"head": ["fixed-etf", "linear"], "dp": [False, True]},
+    },
+    # the clipping norm: with Adam the step does not scale with it, so a small norm (most per-sample
+    # gradients clipped, i.e. normalised) trades clipping bias for relatively less noise
+    "clip-norm": {
+        "sites": 3, "config": {},
+        "grid": {"max-grad-norm": [0.1, 0.3, 3.0]},
+    },
     # a quick grid for trying the driver
     "smoke": {
         "sites": 3, "config": {"num-server-rounds": 2, "max-examples-per-site": 1000},

@@ -141,6 +141,7 @@ class RunConfig:
     seq_len: int = _key(64, _at_least(2), "charlm: bytes per training sequence")
     # Model
     d_model: int = _key(64, _at_least(1), "token width")
+    head: str = _key("linear", _choice("linear", "fixed-etf"), "fmnist classifier head: linear (learned) or fixed-etf (fixed simplex-ETF class vectors, never trained or sent)")
     patch_size: int = _key(7, _at_least(1), "image patch side; tokens = (28 / patch-size)^2")
     num_moe_layers: int = _key(1, _at_least(1), "MoE blocks (charlm: transformer layers, each attention + MoE)")
     num_heads: int = _key(4, _at_least(1), "charlm: attention heads")
@@ -255,7 +256,7 @@ class RunConfig:
         from .model import MoEConfig
 
         return MoEConfig(
-            patch_size=self.patch_size, d_model=self.d_model, num_moe_layers=self.num_moe_layers,
+            patch_size=self.patch_size, head=self.head, d_model=self.d_model, num_moe_layers=self.num_moe_layers,
             num_experts=self.num_experts, top_k=self.top_k, expert_hidden=self.expert_hidden,
             router_noise=self.router_noise, aux_loss_weight=self.aux_loss_weight,
             z_loss_weight=self.z_loss_weight,

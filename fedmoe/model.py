@@ -50,9 +50,12 @@ class MoEConfig(MoEBlockConfig):
     in_channels: int = 1
     patch_size: int = 7
     num_classes: int = 10
+    head: str = "linear"  # linear: learned; fixed-etf: fixed simplex-ETF class vectors (simplex_etf)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.head not in ("linear", "fixed-etf"):
+            raise ValueError(f"head must be linear or fixed-etf, got {self.head!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"patch-size {self.patch_size} does not divide image size {self.image_size}")
 
@@ -181,8 +184,35 @@ class MoELayer(nn.Module):
         return y, balance_loss, z_loss
 
 
+def simplex_etf(dim: int, num_classes: int) -> torch.Tensor:
+    """[dim, K] unit class vectors with pairwise cosine -1/(K-1) (a simplex equiangular tight
+    frame): sqrt(K/(K-1)) U (I - 11^T/K), U [dim, K] orthonormal from a fixed public seed.
+
+    Used as a fixed classifier (FedETF, Li et al. ICCV 2023; FedBABU): under label skew a learned
+    head is pulled towards each site's own classes; a fixed one is the same at every site, is never
+    trained or sent, and depends on nothing but (dim, K).
+    """
+    if dim < num_classes:
+        raise ValueError(f"a simplex ETF of {num_classes} classes needs dim >= {num_classes}, got {dim}")
+    u, _ = torch.linalg.qr(torch.randn(dim, num_classes, generator=torch.Generator().manual_seed(0)))
+    centred = torch.eye(num_classes) - torch.full((num_classes, num_classes), 1.0 / num_classes)
+    return math.sqrt(num_classes / (num_classes - 1)) * u @ centred
+
+
+class FixedLinearHead(nn.Module):
+    """x [N, D] -> x @ weight [N, K] with a fixed, non-persistent weight: no parameters, so
+    nothing to train, clip or send, and absent from checkpoints (rebuilt from the config)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
 class MoEClassifier(nn.Module):
-    """Patch embedding trunk, MoE layers, flatten-and-project head."""
+    """Patch embedding trunk, MoE layers, flatten-and-project head (learned, or a fixed ETF)."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -191,7 +221,11 @@ class MoEClassifier(nn.Module):
         self.position = PositionEmbedding(config.num_tokens, config.d_model)
         self.moe_layers = nn.ModuleList(MoELayer(config) for _ in range(config.num_moe_layers))
         self.norm = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.num_tokens * config.d_model, config.num_classes)
+        features = config.num_tokens * config.d_model
+        if config.head == "fixed-etf":
+            self.head = FixedLinearHead(simplex_etf(features, config.num_classes))
+        else:
+            self.head = nn.Linear(features, config.num_classes)
 
     def patches(self, images: torch.Tensor) -> torch.Tensor:
         """images [N, C, H, W] -> [N, S, C*p*p], row-major over the patch grid."""

@@ -79,3 +79,23 @@ def test_one_samples_output_does_not_depend_on_another():
     alone, aux_alone = model(x[:1])
     torch.testing.assert_close(full[:1], alone)
     torch.testing.assert_close(aux_full[:1], aux_alone)
+
+
+def test_fixed_etf_head_is_a_simplex_frame_with_nothing_to_train_or_send():
+    model = MoEClassifier(small_config(head="fixed-etf"))
+    weight = model.head.weight  # [S*d, K] class vectors
+    k = 10
+    gram = weight.T @ weight
+    # unit vectors, every pair at cosine -1/(K-1): the most separated K directions there are
+    expected = torch.full((k, k), -1.0 / (k - 1)) + torch.eye(k) * (1.0 + 1.0 / (k - 1))
+    torch.testing.assert_close(gram, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(weight.sum(dim=1), torch.zeros(weight.shape[0]), atol=1e-5, rtol=0)
+    assert not any(name.startswith("head") for name, _ in model.named_parameters())
+    assert not any(key.startswith("head") for key in model.state_dict())
+    # rebuilt identically everywhere from (dim, K) alone: every site and the server share it
+    torch.manual_seed(123)
+    torch.testing.assert_close(MoEClassifier(small_config(head="fixed-etf")).head.weight, weight, atol=0, rtol=0)
+    images = torch.randn(3, 1, 28, 28)
+    model.train(False)  # no router noise
+    features = model.norm(model.moe_layers[0](model.position(model.embed(model.patches(images))))[0]).flatten(1)
+    torch.testing.assert_close(model(images)[0], features @ weight)
