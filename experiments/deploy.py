@@ -25,7 +25,7 @@ from pathlib import Path
 from fedmoe.deployment import Service, Tls, topology
 
 from .launch import (
-    BIN, ROOT, Target, exit_on_sigterm, flower_env, free_port, run_app, wait_healthy, write_connection,
+    BIN, Target, exit_on_sigterm, flower_env, free_port, run_app, wait_healthy, write_connection,
 )
 from .reporting import add_run_config_argument, checked_run_config, parse_overrides
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=ROOT / "results" / "deploy")
+    parser.add_argument("--workdir", type=Path, default=Path("results") / "deploy")
     add_run_config_argument(parser)
     args = parser.parse_args(argv)
     overrides = checked_run_config(parse_overrides(args.run_config))

@@ -157,10 +157,10 @@ def run_app(
 ) -> dict[str, Any]:
     """Run the app once on ``target`` (``sites`` SuperNodes when it is the simulation) and return
     its summary.json (raises RunFailed unless it completed). The results folder and run name are
-    the arguments, else the run config's results-dir and run-name keys, else results/ and a
+    the arguments, else the run config's results-dir and run-name keys, else ./results and a
     time stamp."""
     overrides = dict(overrides or {})
-    results_dir = Path(results_dir or overrides.get("results-dir") or ROOT / "results").resolve()
+    results_dir = Path(results_dir or overrides.get("results-dir") or "results").resolve()
     run_name = run_name or overrides.get("run-name") or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     overrides.update({"results-dir": str(results_dir), "run-name": run_name})
     if not overrides.get("resume") and (results_dir / run_name).exists():

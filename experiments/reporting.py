@@ -56,26 +56,14 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 
 def checked_run_config(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` after every check of fedmoe.config.RunConfig and of the folders the run reads
-    here (text-dir, made absolute: the apps run in another working directory); a bad config
-    ends the process with status 2, one line per problem on stderr, before Flower, Ray or torch
-    start."""
-    from fedmoe.config import ConfigError, RunConfig
+    """``config`` checked and completed by ``fedmoe.config.launch_config``; a bad config ends the
+    process with status 2, one line per problem on stderr, before Flower, Ray or torch start."""
+    from fedmoe.config import ConfigError, launch_config
 
-    config = dict(config)
-    problems = []
     try:
-        RunConfig.from_run_config(config)
+        return launch_config(config)
     except ConfigError as exc:
-        problems.extend(str(exc).splitlines())
-    if config.get("text-dir"):
-        text_dir = Path(str(config["text-dir"])).expanduser().resolve()
-        config["text-dir"] = str(text_dir)
-        if not text_dir.is_dir():
-            problems.append(f"run config 'text-dir': no such folder, got {str(text_dir)!r}")
-    if problems:
-        exit_with_config_problems(problems)
-    return config
+        exit_with_config_problems(str(exc).splitlines())
 
 
 def exit_with_config_problems(problems: Sequence[str]) -> NoReturn:

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .aggregation import RobustRules
@@ -261,6 +262,26 @@ class RunConfig:
             router_noise=self.router_noise, aux_loss_weight=self.aux_loss_weight,
             z_loss_weight=self.z_loss_weight,
         )
+
+
+def launch_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` as the launcher submits it, after every check of RunConfig and of the folders
+    the run reads on this machine (text-dir, made absolute: the apps run in another working
+    directory). Raises ConfigError, one line per problem, before Flower, Ray or torch start."""
+    config = dict(config)
+    problems = []
+    try:
+        RunConfig.from_run_config(config)
+    except ConfigError as exc:
+        problems.extend(str(exc).splitlines())
+    if config.get("text-dir"):
+        text_dir = Path(str(config["text-dir"])).expanduser().resolve()
+        config["text-dir"] = str(text_dir)
+        if not text_dir.is_dir():
+            problems.append(f"run config 'text-dir': no such folder, got {str(text_dir)!r}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
 
 
 def config_key(field_name: str) -> str:
