@@ -12,10 +12,10 @@ fedmoe.wire before it leaves. Attacking sites (fedmoe.attacks) wrap this round: 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedmoe import attacks, downlink, tasks, wire
+from fedmoe.compression import ErrorFeedback
 from fedmoe.config import RunConfig
 from fedmoe.personalization import personal_keys
 from fedmoe.results import atomic_torch_save
@@ -45,6 +46,7 @@ app = ClientApp()
 LEDGER_STATE = "privacy-ledger"
 LEDGER_FILE = "privacy_ledger.json"
 PERSONAL_STATE = "personal-parts"
+RESIDUAL_STATE = "compression-residual"  # error feedback of update-compression
 PERSONAL_FILE = "personal.pt"
 MODEL_CACHE = "model-cache"  # the global model the site holds (fedmoe.downlink)
 MODEL_CACHE_VERSION = "model-cache-version"
@@ -190,6 +192,7 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
     active = list(range(len(counts))) if cfg.strategy == "fedavg" else select_active_experts(
         counts, cfg.num_experts, cfg.active_min_share, cfg.active_top_m)
     freeze_inactive_experts(model, active)
+    received = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     torch.manual_seed(seed)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(server_round))
     if ledger is None:
@@ -207,13 +210,25 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
     personal = {key: trained.pop(key) for key in personal_keys(trained, cfg.personalize)}
     if personal:
         keep_personal(context, state_folder(msg, context, site), personal)
+    if cfg.update_compression != "none":
+        trained = compress_update(context, trained, received, cfg.update_compression)
     return wire.encode_train_reply(trained, site, len(targets), active, counts, loss, ledger)
+
+
+def compress_update(context: Context, trained: dict[str, torch.Tensor], received: dict[str, np.ndarray],
+                    method: str) -> dict[str, np.ndarray]:
+    """The update (trained - received), compressed; what the compression lost is owed next round
+    and kept in the node state (fedmoe.compression)."""
+    residual = wire.to_numpy(context.state[RESIDUAL_STATE]) if RESIDUAL_STATE in context.state else None
+    feedback = ErrorFeedback(residual)
+    payload = feedback.compress({k: v.numpy() for k, v in trained.items()}, received, method)
+    context.state[RESIDUAL_STATE] = wire.to_record(feedback.residual)
+    return payload
 
 
 def evaluate_site(msg: Message, context: Context, cfg: RunConfig, site: int, model: nn.Module, data) -> RecordDict:
     _, _, test_inputs, test_targets = data
     loss, accuracy = evaluate_model(model, test_inputs, test_targets)
-    bits_per_char = None
-    if cfg.task == "charlm":
-        bits_per_char = loss / math.log(2) * tasks.bytes_per_character(tasks.site_splits(cfg, site))
+    per_nat = tasks.bits_per_nat(cfg, site)
+    bits_per_char = None if per_nat is None else loss * per_nat
     return wire.encode_evaluate_reply(site, len(test_targets), accuracy, loss, bits_per_char)

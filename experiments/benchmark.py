@@ -1,8 +1,8 @@
 """Benchmark: expert-matched federation against FedAvg, a dense model, isolated sites and pooled
 data, on the same split, seed and number of rounds.
 
-    python -m experiments.benchmark --preset smoke|full|charlm-smoke|charlm-full --out DIR
-                                    [--target simulation|CONNECTION]
+    python -m experiments.benchmark --preset smoke|full|low-data|charlm-smoke|charlm-full --out DIR
+                                    [--target simulation|CONNECTION] [--seeds 0,1,2]
                                     [--methods expert_matched,fedavg_full_moe,...]
 
 Methods
@@ -13,9 +13,18 @@ Methods
   local_only           each site trains the MoE alone on its own data, no federation
   centralized          all sites' training data pooled into one model (the upper bound)
   expert_matched_dp, fedavg_full_moe_dp   the first two with DP-SGD at target epsilon 8 per site
+  expert_matched_personal, expert_matched_personal_dp   expert_matched where each site keeps its own
+                       classifier head (personalize=head, never sent), without and with DP; their
+                       per-site accuracy is with the site's own head
+DP methods train with the preset's dp-config on top of its config (the DP recipe: batch size and
+step size tuned for DP-SGD, BENCHMARKS.md), the other methods with its config.
 The federated methods run the fedmoe app (experiments.launch, on the target); local_only and
 centralized train in this process with the sites' code: same model, optimiser, per-round learning
 rate and epochs per round, on the same partitions.
+
+With --seeds the benchmark runs once per seed (DIR/seed-N/, each as below; a seed whose
+results.json has every method is not run again) and DIR/seeds.md and DIR/seeds.json give each
+method's mean and standard deviation over the seeds.
 
 Writes DIR/results.json (per method: final_accuracy on the global test set, per_site_accuracy on each
 site's own test split, uplink/downlink bytes, rounds, wall_seconds, epsilon where DP ran, per-round
@@ -26,7 +35,6 @@ DIR/accuracy_uplink.png and DIR/expert_utilisation.png (expert-by-site routing s
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import shutil
@@ -62,6 +70,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "config": {"task": "charlm", "num-moe-layers": 2, "seq-len": 64, "num-server-rounds": 10,
                    "max-examples-per-site": 6000, "batch-size": 32, "learning-rate": 0.002, "seed": 0},
     },
+    # few examples per site (240 to train, 60 to test), three sites per domain: where a site alone
+    # has too little data and federation has to pay off
+    "low-data": {
+        "sites": 9,
+        "methods": ("expert_matched", "expert_matched_personal", "local_only", "centralized",
+                    "expert_matched_dp", "expert_matched_personal_dp"),
+        "config": {"num-server-rounds": 10, "partitioning": "domain", "max-examples-per-site": 300,
+                   "batch-size": 32, "learning-rate": 0.002, "seed": 0},
+        "dp-config": {"batch-size": 64, "learning-rate": 0.01},
+    },
     "full": {  # all 60k training images over 10 sites
         "sites": 10,
         "config": {"num-server-rounds": 10, "partitioning": "domain", "num-experts": 32, "top-k": 2,
@@ -75,11 +93,13 @@ FEDERATED = {
     "fedavg_full_moe": {"strategy": "fedavg", "sparse-downlink": False, "dp": False},
     "fedavg_dense": {"strategy": "fedavg", "sparse-downlink": False, "dp": False},  # + dense_overrides(config)
     "expert_matched_dp": {"strategy": "expert-matched", **DP},
+    "expert_matched_personal": {"strategy": "expert-matched", "personalize": "head", "dp": False},
+    "expert_matched_personal_dp": {"strategy": "expert-matched", "personalize": "head", **DP},
     "fedavg_full_moe_dp": {"strategy": "fedavg", "sparse-downlink": False, **DP},
 }
 IN_PROCESS = ("local_only", "centralized")
 METHODS = ("expert_matched", "fedavg_full_moe", "fedavg_dense", "local_only", "centralized",
-           "expert_matched_dp", "fedavg_full_moe_dp")
+           "expert_matched_dp", "fedavg_full_moe_dp", "expert_matched_personal", "expert_matched_personal_dp")
 
 
 def dense_overrides(config: dict[str, Any]) -> dict[str, Any]:
@@ -167,13 +187,12 @@ def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[st
         "accuracy_per_round": accuracy_per_round,
         "uplink_bytes_per_round": None,
     }
-    if cfg.task == "charlm":
-        per_nat = tasks.bytes_per_character(tasks.global_splits(cfg)) / math.log(2)
+    per_nat = tasks.bits_per_nat(cfg)
+    if per_nat is not None:
         result["bits_per_char_per_round"] = [loss * per_nat for loss in loss_per_round]
         result["final_bits_per_char"] = result["bits_per_char_per_round"][-1]
         result["per_site_bits_per_char"] = {
-            site: loss / math.log(2) * tasks.bytes_per_character(tasks.site_splits(cfg, int(site)))
-            for site, (loss, _) in per_site.items()
+            site: loss * tasks.bits_per_nat(cfg, int(site)) for site, (loss, _) in per_site.items()
         }
     return result
 
@@ -196,7 +215,7 @@ def run_benchmark(preset: dict[str, Any], out: Path, target: Target = Target(),
         if method in IN_PROCESS:
             result = train_in_process(method, config, sites)
         else:
-            overrides = {**config, **FEDERATED[method]}
+            overrides = {**config, **(preset.get("dp-config", {}) if method.endswith("_dp") else {}), **FEDERATED[method]}
             if method == "fedavg_dense":
                 overrides.update(dense_overrides(config))
             shutil.rmtree(out / "runs" / method, ignore_errors=True)
@@ -211,6 +230,62 @@ def run_benchmark(preset: dict[str, Any], out: Path, target: Target = Target(),
     plot_curves(report["methods"], out)
     plot_site_utilisation(report["methods"], config, out / "expert_utilisation.png")
     return report
+
+
+def run_seeds(preset: dict[str, Any], out: Path, seeds: list[int], target: Target = Target(),
+              methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
+    """run_benchmark once per seed into out/seed-N (skipping a seed already complete), then each
+    method's mean and standard deviation over the seeds in out/seeds.json and out/seeds.md."""
+    reports = []
+    for seed in seeds:
+        seed_out = out / f"seed-{seed}"
+        done = seed_out / "results.json"
+        if done.exists() and set(methods) <= set(json.loads(done.read_text())["methods"]):
+            reports.append(json.loads(done.read_text()))
+            continue
+        reports.append(run_benchmark({**preset, "config": {**preset["config"], "seed": seed}}, seed_out, target, methods))
+    summary = {"sites": preset["sites"], "config": preset["config"], "dp-config": preset.get("dp-config", {}),
+               "seeds": seeds, "machine": machine(), "methods": {}, "headline": {}}
+    for method in methods:
+        results = [r["methods"][method] for r in reports]
+        summary["methods"][method] = {
+            "final_accuracy": mean_std([r["final_accuracy"] for r in results]),
+            "mean_per_site_accuracy": mean_std([mean_site_accuracy(r) for r in results]),
+            "per_site_accuracy": {site: mean_std([r["per_site_accuracy"][site] for r in results])
+                                  for site in results[0]["per_site_accuracy"]},
+            "epsilon": results[0]["epsilon"],
+            "wall_seconds": mean_std([r["wall_seconds"] for r in results]),
+        }
+    for key in reports[0]["headline"]:
+        summary["headline"][key] = mean_std([r["headline"][key] for r in reports])
+    (out / "seeds.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "seeds.md").write_text(seeds_markdown(summary))
+    return summary
+
+
+def mean_std(values: list[float | None]) -> dict[str, float] | None:
+    if any(v is None for v in values):
+        return None
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "min": float(np.min(values)), "max": float(np.max(values))}
+
+
+def seeds_markdown(summary: dict[str, Any]) -> str:
+    def fmt(stat: dict[str, float] | None) -> str:
+        return "-" if stat is None else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+
+    methods = summary["methods"]
+    sites = list(next(iter(methods.values()))["per_site_accuracy"])
+    rows = [{"method": name, "global accuracy": fmt(m["final_accuracy"]),
+             "mean own-site accuracy": fmt(m["mean_per_site_accuracy"]),
+             **{f"site {s}": fmt(m["per_site_accuracy"].get(s)) for s in sites},
+             "epsilon": "" if m["epsilon"] is None else f"{m['epsilon']:.3f}"} for name, m in methods.items()]
+    lines = [f"Benchmark over seeds {summary['seeds']} ({summary['sites']} sites, {summary['machine']}): "
+             "mean ± sample standard deviation", "", f"config: `{json.dumps(summary['config'])}`",
+             f"DP methods also: `{json.dumps(summary['dp-config'])}`", "",
+             markdown_table(rows, list(rows[0])), ""]
+    lines += [f"- {key}: {fmt(value)}" for key, value in summary["headline"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def plot_site_utilisation(results: dict[str, dict[str, Any]], config: dict[str, Any], path: Path) -> None:
@@ -245,9 +320,12 @@ def headline(results: dict[str, dict[str, Any]]) -> dict[str, float]:
         for name, other in results.items():
             if name != "expert_matched":
                 out[f"accuracy_gap_expert_matched_minus_{name}"] = em["final_accuracy"] - other["final_accuracy"]
-    if em and lo:
-        em_site, lo_site = mean_site_accuracy(em), mean_site_accuracy(lo)
-        out["per_site_accuracy_relative_gain_over_local_only"] = em_site / lo_site - 1.0
+    if lo:
+        for name in ("expert_matched", "expert_matched_personal", "expert_matched_personal_dp"):
+            if name in results:
+                gain = mean_site_accuracy(results[name]) / mean_site_accuracy(lo) - 1.0
+                suffix = "" if name == "expert_matched" else f"_{name}"
+                out[f"per_site_accuracy_relative_gain_over_local_only{suffix}"] = gain
     if em and "final_bits_per_char" in em:
         for name, other in results.items():
             if name != "expert_matched" and "final_bits_per_char" in other:
@@ -312,9 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = driver_parser(__doc__, PRESETS)
     parser.add_argument("--methods", default="", help="comma-separated subset of: " + ", ".join(METHODS)
                         + " (default: the preset's, else all)")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds: one benchmark per seed, and mean ± std")
     args = parser.parse_args(argv)
     preset = chosen_preset(PRESETS, args)
     methods = tuple(args.methods.split(",")) if args.methods else preset.get("methods", METHODS)
+    if args.seeds:
+        summary = run_seeds(preset, args.out, [int(s) for s in args.seeds.split(",")], Target(args.target), methods)
+        print(seeds_markdown(summary))
+        print(f"wrote {args.out / 'seeds.json'}, seeds.md and one folder per seed in {args.out}")
+        return 0
     report = run_benchmark(preset, args.out, Target(args.target), methods)
     print(markdown_report(report))
     print(f"wrote {args.out / 'results.json'}, results.md and PNGs in {args.out}")

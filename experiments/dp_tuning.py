@@ -60,6 +60,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sites": 3, "config": {},
         "grid": {"max-grad-norm": [0.1, 0.3, 3.0]},
     },
+    # the default job's 10 rounds take about 3 of the 5 minutes it may use: more rounds (more, noisier
+    # steps for the same epsilon) with a slower step-size decay
+    "more-rounds": {
+        "sites": 3, "config": {},
+        "grid": {"num-server-rounds": [14], "learning-rate-decay": [0.85, 0.9]},
+    },
+    # the benchmark's low-data regime (9 sites, 240 training examples each): batch size and step size
+    # of its DP methods
+    "low-data": {
+        "sites": 9, "config": {"max-examples-per-site": 300},
+        "grid": {"batch-size": [32, 64, 128], "learning-rate": [0.005, 0.02]},
+    },
     # a quick grid for trying the driver
     "smoke": {
         "sites": 3, "config": {"num-server-rounds": 2, "max-examples-per-site": 1000},

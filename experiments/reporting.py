@@ -37,9 +37,15 @@ def add_run_config_argument(parser: argparse.ArgumentParser, help: str = '"key=v
 
 def chosen_preset(presets: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """The preset --preset names, its run config updated by the -c overrides and checked
-    (``checked_run_config``)."""
+    (``checked_run_config``); its dp-config (keys DP methods use on top), if any, checked on top of
+    that, less the keys -c sets (an override wins everywhere)."""
     preset = presets[args.preset]
-    return {**preset, "config": checked_run_config({**preset["config"], **parse_overrides(args.run_config)})}
+    overrides = parse_overrides(args.run_config)
+    chosen = {**preset, "config": checked_run_config({**preset["config"], **overrides})}
+    if "dp-config" in preset:
+        chosen["dp-config"] = {k: v for k, v in preset["dp-config"].items() if k not in overrides}
+        checked_run_config({**chosen["config"], **chosen["dp-config"], "dp": True})
+    return chosen
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -24,6 +26,19 @@ if TYPE_CHECKING:  # torch stays unimported until a model is built: a bad config
 
 class ConfigError(ValueError):
     """A run-config key is unknown or has an invalid value."""
+
+
+def _task_name(value: str) -> str | None:
+    if value in ("fmnist", "images", "charlm") or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+        return None
+    return "must be fmnist, images, charlm or module:Class (a fedmoe.tasks.Task)"
+
+
+def _choice_int(*options: int):
+    def check(value: int) -> str | None:
+        return None if value in options else f"must be one of {', '.join(map(str, options))}"
+
+    return check
 
 
 def _choice(*options: str):
@@ -104,12 +119,16 @@ class RunConfig:
     outlier_min_cosine: float = _key(-1.0, _in_range(-1.0, 1.0), "drop a site's update to an expert whose cosine to the median update is below this (-1: off)")
     outlier_min_contributors: int = _key(3, _at_least(2), "outlier tests run on experts with at least this many updates")
     max_update_norm: float = _key(0.0, _at_least(0.0), "reject a whole reply whose update (all its tensors) has a larger L2 norm (0: off)")
+    update_compression: str = _key("none", _choice("none", "fp16", "int8"), "sites send their update compressed "
+                                   "(fedmoe.compression: fp16, or int8 with a scale per row), with error feedback")
     # Server optimizer on the aggregated pseudo-gradient (fedmoe.server_optimizers)
     server_optimizer: str = _key("none", _choice(*SERVER_OPTIMIZERS), "none: the average is the new model; fedavgm, fedadam, fedyogi: Reddi et al. 2021, per tensor")
     server_learning_rate: float = _key(1.0, _positive, "server step size η")
     server_momentum: float = _key(0.9, _in_range(0.0, 0.999), "β1: momentum (fedavgm) or first-moment decay (fedadam, fedyogi)")
     server_beta2: float = _key(0.99, _in_range(0.0, 0.9999), "β2: second-moment decay (fedadam, fedyogi)")
     server_tau: float = _key(1e-3, _positive, "τ: adaptivity floor of fedadam and fedyogi")
+    site_registry: str = _key("", None, "JSON file {site: node id}: only that node may speak for that site "
+                              "(fedmoe.site_binding); empty: a site is bound to the first node that claims it")
     # Hostile sites, for experiments (fedmoe.attacks)
     attack: str = _key("none", _choice("none", "scale", "sign-flip", "backdoor"), "what the sites in attack-sites do instead of honest training")
     attack_sites: str = _key("", _site_list, "comma-separated partition ids of the attacking sites")
@@ -128,14 +147,22 @@ class RunConfig:
     optimizer: str = _key("adam", _choice("adam", "sgd"), "local optimiser")
     seed: int = _key(0, _at_least(0), "seed for model init, data split and training")
     # Workload (fedmoe.tasks)
-    task: str = _key("fmnist", _choice("fmnist", "charlm"), "fmnist: image classifier; charlm: byte-level MoE language model, one language per site")
+    task: str = _key("fmnist", _task_name, "fmnist: Fashion-MNIST classifier; images: your own images at data-path; "
+                     "charlm: byte-level MoE language model, one language per site; module:Class: your own fedmoe.tasks.Task")
     # Data
     data_source: str = _key("auto", _choice("auto", "debian", "hub"), "where Fashion-MNIST comes from")
-    partitioning: str = _key("domain", _choice("iid", "dirichlet", "domain"), "how sites split the data")
+    partitioning: str = _key("domain", _choice("iid", "dirichlet", "domain", "column"),
+                             "how sites split the data (column: site-column names each example's site, task=images)")
     dirichlet_alpha: float = _key(0.5, _positive, "concentration for partitioning=dirichlet")
-    domains_per_site: int = _key(1, _at_least(1), "coarse domains per site for partitioning=domain")
+    domains_per_site: int = _key(1, _at_least(1), "partitioning=domain: coarse domains per site (task=images: whole classes per site)")
     site_test_fraction: float = _key(0.2, _open_fraction, "share of each site's data kept as its test split")
     max_examples_per_site: int = _key(0, _at_least(0), "cap on each site's partition before its train/test split (0: no cap)")
+    data_path: str = _key("", None, "task=images: an ImageFolder tree or a saved HF dataset (fedmoe.own_images)")
+    image_size: int = _key(28, _at_least(1), "task=images: images are resized to image-size x image-size")
+    image_channels: int = _key(1, _choice_int(1, 3), "task=images: 1 (grayscale) or 3 (RGB)")
+    image_column: str = _key("image", None, "task=images, saved HF dataset: the image column")
+    label_column: str = _key("label", None, "task=images, saved HF dataset: the integer label column")
+    site_column: str = _key("", None, "task=images, partitioning=column: the column naming each example's site")
     languages: str = _key("en,de,it,es,ru,pl,cs,pt", _language_list, "charlm: Debian fortunes languages, site i gets the i-th (cycling)")
     languages_per_site: int = _key(1, _at_least(1), "charlm: languages each site holds")
     text_dir: str = _key("", None, "charlm: your own corpus instead of fortunes, one sub-folder of .txt files per site")
@@ -200,12 +227,22 @@ class RunConfig:
                             f"({self.num_moe_layers * self.num_experts}), got {self.attack_expert}")
         if self.task == "charlm" and self.attack == "backdoor":
             problems.append("run config 'attack': the backdoor trigger is an image patch (task=fmnist), got 'backdoor'")
-        if self.patch_size > 0 and 28 % self.patch_size:
-            problems.append(f"run config 'patch-size': must divide 28, got {self.patch_size}")
+        if self.patch_size > 0 and self.image_size > 0 and self.image_size % self.patch_size:
+            problems.append(f"run config 'patch-size': must divide image-size ({self.image_size}), got {self.patch_size}")
+        if self.task == "fmnist" and (self.image_size, self.image_channels) != (28, 1):
+            problems.append(f"run config 'image-size' / 'image-channels': Fashion-MNIST images are 28 x 28 x 1, "
+                            f"got {self.image_size} x {self.image_size} x {self.image_channels}")
+        if self.task == "images" and not self.data_path:
+            problems.append("run config 'data-path': task=images needs a folder of images or a saved HF dataset")
+        if self.partitioning == "column" and not (self.task == "images" and self.site_column):
+            problems.append("run config 'partitioning': column needs task=images and site-column naming each example's site")
         if self.strategy == "fedavg" and not self.robust_rules().plain:
             problems.append("run config 'aggregation' / 'update-norm-bound' / 'outlier-*': robust rules need "
                             "strategy=expert-matched (fedavg is Flower's FedAvg as is)")
-        if self.domains_per_site > 3:
+        if self.update_compression != "none" and self.attack != "none":
+            problems.append("run config 'update-compression': the attack experiments send uncompressed tensors, "
+                            f"got update-compression={self.update_compression!r} with attack={self.attack!r}")
+        if self.domains_per_site > 3 and self.task == "fmnist":
             problems.append(f"run config 'domains-per-site': there are 3 domains, got {self.domains_per_site}")
         return problems
 
@@ -253,10 +290,11 @@ class RunConfig:
         return ServerOptimizer(self.server_optimizer, self.server_learning_rate, self.server_momentum,
                                self.server_beta2, self.server_tau)
 
-    def model_config(self) -> MoEConfig:
+    def model_config(self, num_classes: int = 10) -> MoEConfig:
         from .model import MoEConfig
 
         return MoEConfig(
+            image_size=self.image_size, in_channels=self.image_channels, num_classes=num_classes,
             patch_size=self.patch_size, head=self.head, d_model=self.d_model, num_moe_layers=self.num_moe_layers,
             num_experts=self.num_experts, top_k=self.top_k, expert_hidden=self.expert_hidden,
             router_noise=self.router_noise, aux_loss_weight=self.aux_loss_weight,
@@ -274,14 +312,42 @@ def launch_config(config: Mapping[str, Any]) -> dict[str, Any]:
         RunConfig.from_run_config(config)
     except ConfigError as exc:
         problems.extend(str(exc).splitlines())
-    if config.get("text-dir"):
-        text_dir = Path(str(config["text-dir"])).expanduser().resolve()
-        config["text-dir"] = str(text_dir)
-        if not text_dir.is_dir():
-            problems.append(f"run config 'text-dir': no such folder, got {str(text_dir)!r}")
+    for key in ("text-dir", "data-path"):
+        if config.get(key):
+            folder = Path(str(config[key])).expanduser().resolve()
+            config[key] = str(folder)
+            if not folder.is_dir():
+                problems.append(f"run config '{key}': no such folder, got {str(folder)!r}")
+    if config.get("site-registry"):
+        from .site_binding import read_registry
+
+        config["site-registry"] = str(Path(str(config["site-registry"])).expanduser().resolve())
+        try:
+            read_registry(config["site-registry"])
+        except ValueError as exc:
+            problems.append(str(exc))
+    task = str(config.get("task", ""))
+    if ":" in task and not _importable(task.partition(":")[0]):
+        problems.append(f"run config 'task': no module {task.partition(':')[0]!r} to import (put it beside "
+                        f"pyproject.toml, or install it), got {task!r}")
     if problems:
         raise ConfigError("\n".join(problems))
     return config
+
+
+def _importable(module: str) -> bool:
+    """Whether the apps can import ``module`` (from the Flower app folder or the environment),
+    found without running it."""
+    import sys
+
+    from .api import app_root
+
+    if str(app_root()) not in sys.path:
+        sys.path.insert(0, str(app_root()))
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def config_key(field_name: str) -> str:

@@ -24,7 +24,7 @@ from .results import atomic_replace
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 HUB_DATASET = "zalando-datasets/fashion_mnist"
 SOURCES = ("auto", "debian", "hub")
-PARTITIONINGS = ("iid", "dirichlet", "domain")
+PARTITIONINGS = ("iid", "dirichlet", "domain", "column")
 CACHE_DIR_ENV = "FEDMOE_CACHE_DIR"  # default ~/.cache/fedmoe
 
 CLASS_NAMES = (
@@ -120,7 +120,11 @@ def load_fashion_mnist(source: str = "auto") -> tuple[ImageSet, ImageSet]:
 
 
 def make_partitioner(partitioning: str, num_partitions: int, alpha: float, domains_per_site: int, seed: int):
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    """The flwr-datasets partitioner of ``partitioning`` over an index table with columns label,
+    domain (a group of each row: its coarse domain, or its site for partitioning=column) and row."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, PathologicalPartitioner,
+    )
 
     if partitioning == "iid":
         return IidPartitioner(num_partitions=num_partitions)
@@ -136,20 +140,21 @@ def make_partitioner(partitioning: str, num_partitions: int, alpha: float, domai
             num_classes_per_partition=domains_per_site,
             class_assignment_mode="first-deterministic", seed=seed,
         )
+    if partitioning == "column":  # the data names each row's site: site i holds the i-th value
+        return NaturalIdPartitioner(partition_by="domain")
     raise ValueError(f"partitioning must be one of {PARTITIONINGS}, got {partitioning!r}")
 
 
 @lru_cache(maxsize=4)
 def _fitted_partitioner(
-    labels_key: bytes, partitioning: str, num_partitions: int, alpha: float,
+    labels_key: bytes, groups_key: bytes, partitioning: str, num_partitions: int, alpha: float,
     domains_per_site: int, seed: int,
 ):
     from datasets import Dataset
 
     labels = np.frombuffer(labels_key, dtype=np.int64)
-    table = Dataset.from_dict(
-        {"label": labels, "domain": _DOMAIN_OF_CLASS[labels], "row": np.arange(len(labels))}
-    )
+    groups = np.frombuffer(groups_key, dtype=np.int64)
+    table = Dataset.from_dict({"label": labels, "domain": groups, "row": np.arange(len(labels))})
     partitioner = make_partitioner(partitioning, num_partitions, alpha, domains_per_site, seed)
     partitioner.dataset = table
     return partitioner
@@ -160,22 +165,24 @@ def cache_dir() -> Path:
 
 
 def partition_rows(
-    labels: np.ndarray, partition_id: int, num_partitions: int, partitioning: str,
+    labels: np.ndarray, groups: np.ndarray, partition_id: int, num_partitions: int, partitioning: str,
     alpha: float, domains_per_site: int, seed: int,
 ) -> np.ndarray:
-    """Row indices of ``labels`` that the partitioner assigns to ``partition_id``.
+    """Row indices of ``labels`` that the partitioner assigns to ``partition_id`` (``groups``: each
+    row's domain, or its site for partitioning=column).
 
     Kept on disk under ``cache_dir()/partitions``: in a deployment every ClientApp task is a new
     process, and re-running the partitioner there (seconds) dominated a round."""
     from importlib.metadata import version
 
-    labels = labels.astype(np.int64)
+    labels, groups = labels.astype(np.int64), groups.astype(np.int64)
     recipe = repr((partitioning, num_partitions, alpha, domains_per_site, seed, version("flwr-datasets")))
-    key = hashlib.sha256(labels.tobytes() + recipe.encode()).hexdigest()[:32]
+    key = hashlib.sha256(labels.tobytes() + groups.tobytes() + recipe.encode()).hexdigest()[:32]
     path = cache_dir() / "partitions" / f"{key}-{partition_id}.npy"
     with contextlib.suppress(OSError, ValueError):
         return np.load(path)
-    partitioner = _fitted_partitioner(labels.tobytes(), partitioning, num_partitions, alpha, domains_per_site, seed)
+    partitioner = _fitted_partitioner(labels.tobytes(), groups.tobytes(), partitioning, num_partitions, alpha,
+                                      domains_per_site, seed)
     rows = np.asarray(partitioner.load_partition(partition_id)["row"], dtype=np.int64)
 
     def write(tmp: str) -> None:
@@ -193,6 +200,29 @@ class SiteData:
     test: ImageSet
 
 
+@dataclass(frozen=True)
+class SiteRows:
+    train: np.ndarray
+    test: np.ndarray
+
+
+def site_rows(
+    labels: np.ndarray, groups: np.ndarray, partition_id: int, num_partitions: int, partitioning: str,
+    alpha: float, domains_per_site: int, seed: int, test_fraction: float, max_examples: int,
+) -> SiteRows:
+    """The site's partition (``partition_rows``), shuffled by a seeded generator, cut to at most
+    ``max_examples`` (0: all) and split into the site's own train and test rows."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} not in [0, num-partitions={num_partitions})")
+    rows = partition_rows(labels, groups, partition_id, num_partitions, partitioning, alpha, domains_per_site, seed)
+    rng = np.random.default_rng(seed + 7919 * partition_id)
+    rows = rng.permutation(rows)
+    if max_examples:
+        rows = rows[:max_examples]
+    n_test = int(round(len(rows) * test_fraction))
+    return SiteRows(train=rows[n_test:], test=rows[:n_test])
+
+
 def load_site(
     partition_id: int, num_partitions: int, partitioning: str = "domain", alpha: float = 0.5,
     domains_per_site: int = 1, seed: int = 0, test_fraction: float = 0.2, source: str = "auto",
@@ -200,18 +230,12 @@ def load_site(
 ) -> SiteData:
     """The site's partition of the 60k training images (at most ``max_examples`` of it, 0: all),
     split into its own train and test."""
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} not in [0, num-partitions={num_partitions})")
+    if partitioning == "column":
+        raise ValueError("partitioning=column needs a site column: Fashion-MNIST has none (task=images)")
     train, _ = load_fashion_mnist(source)
-    rows = partition_rows(
-        train.labels, partition_id, num_partitions, partitioning, alpha, domains_per_site, seed
-    )
-    rng = np.random.default_rng(seed + 7919 * partition_id)
-    rows = rng.permutation(rows)
-    if max_examples:
-        rows = rows[:max_examples]
-    n_test = int(round(len(rows) * test_fraction))
-    return SiteData(train=train.subset(rows[n_test:]), test=train.subset(rows[:n_test]))
+    rows = site_rows(train.labels, _DOMAIN_OF_CLASS[train.labels], partition_id, num_partitions, partitioning, alpha,
+                     domains_per_site, seed, test_fraction, max_examples)
+    return SiteData(train=train.subset(rows.train), test=train.subset(rows.test))
 
 
 def load_global_test(source: str = "auto") -> ImageSet:

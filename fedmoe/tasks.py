@@ -1,31 +1,200 @@
-"""The workloads a run can train (run config ``task``): the model, each site's data, the global
-test set.
+"""The workloads a run can train (run config ``task``), behind one small interface.
+
+A task gives the apps four things (``Task``): the model, one site's data, the server's held-out
+set, and a label per site for tables; optionally a factor that turns its loss into bits per
+character. Built in:
 
   fmnist   Fashion-MNIST images, patch-token MoE classifier (fedmoe.model), sites split by
            flwr-datasets partitioners (fedmoe.data)
+  images   your own images (data-path: an ImageFolder tree or a saved HF dataset), the same
+           classifier sized to them (fedmoe.own_images)
   charlm   UTF-8 text, byte-level MoE transformer (fedmoe.charlm), one language (or
            languages-per-site languages) per site (fedmoe.text)
-Both give tensors (inputs, targets) that fedmoe.training trains and evaluates alike.
+
+Your own task: ``task="module:ClassName"``, a ``Task`` subclass in a module the apps can import
+(a file beside pyproject.toml travels with the app; README "Bring your own model").
+
+What the model must be: ``forward(x) -> (logits [N, C] or [N, T, V], aux [N])`` with ``aux`` the
+per-sample router losses, ``moe_layers`` (fedmoe.model.MoELayer, whose expert banks are what
+sites train selectively and send), ``routing_counts()`` (token-slots per global expert in the
+last forward), ``config.total_experts`` and ``config.num_tokens`` (tokens each sample routes
+through each MoE layer: it bounds one sample's effect on the released routing counts)
+(fedmoe.model.MoEClassifier and fedmoe.charlm.CharMoETransformer are examples). Every sample's
+loss must depend on that sample only (DP-SGD clips per sample). The loss is cross-entropy of the
+logits (mean over positions for sequences) plus ``aux``; the metrics are that loss and accuracy
+(fedmoe.training), the same for every task.
 """
 
 from __future__ import annotations
 
+import importlib
 from functools import lru_cache
 
 import torch
 from torch import nn
 
-from .charlm import CharLMConfig, CharMoETransformer
 from .config import RunConfig
-from .data import load_global_test, load_site
-from .model import MoEClassifier
-from .text import TextSplit, site_sources, split_corpus
+
+Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 # held-out windows per language in the global test set (central evaluation every round)
 GLOBAL_TEST_WINDOWS = 400
 
 
-def charlm_config(cfg: RunConfig) -> CharLMConfig:
+class Task:
+    """A workload. Subclasses implement the first three methods; all take the run's config."""
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        """A freshly initialised model (the caller seeds torch first)."""
+        raise NotImplementedError
+
+    def site_data(self, cfg: RunConfig, site: int, num_sites: int) -> Tensors:
+        """(train inputs, train targets, test inputs, test targets) of site ``site`` of ``num_sites``."""
+        raise NotImplementedError
+
+    def global_test(self, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) the server evaluates the global model on every round."""
+        raise NotImplementedError
+
+    def site_label(self, cfg: RunConfig, site: int) -> str:
+        """What distinguishes the site's data, for tables and plots."""
+        return str(site)
+
+    def bits_per_nat(self, cfg: RunConfig, site: int | None) -> float | None:
+        """Factor from the loss (nats per target) to bits per character of the site's held-out
+        text (None: the server's), or None when the task is not text."""
+        return None
+
+
+class FashionMNISTTask(Task):
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        from .model import MoEClassifier
+
+        return MoEClassifier(cfg.model_config())
+
+    def site_data(self, cfg: RunConfig, site: int, num_sites: int) -> Tensors:
+        from .data import load_site
+
+        images = load_site(
+            site, num_sites, partitioning=cfg.partitioning, alpha=cfg.dirichlet_alpha,
+            domains_per_site=cfg.domains_per_site, seed=cfg.seed, test_fraction=cfg.site_test_fraction,
+            source=cfg.data_source, max_examples=cfg.max_examples_per_site,
+        )
+        return (*images.train.tensors(), *images.test.tensors())
+
+    def global_test(self, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official 10k test images."""
+        from .data import load_global_test
+
+        return load_global_test(cfg.data_source).tensors()
+
+    def site_label(self, cfg: RunConfig, site: int) -> str:
+        """The partition id, with its domain when each site holds one (site i: domain i mod 3)."""
+        if cfg.partitioning == "domain" and cfg.domains_per_site == 1:
+            from .data import DOMAINS
+
+            return f"{site} {list(DOMAINS)[site % len(DOMAINS)]}"
+        return str(site)
+
+
+class OwnImagesTask(Task):
+    """Images at data-path (fedmoe.own_images), the patch-token MoE classifier sized to them."""
+
+    def data(self, cfg: RunConfig):
+        from .own_images import load_own_images
+
+        return load_own_images(cfg.data_path, cfg.image_column, cfg.label_column,
+                               cfg.site_column if cfg.partitioning == "column" else "",
+                               cfg.image_size, cfg.image_channels, cfg.seed)
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        from .model import MoEClassifier
+
+        return MoEClassifier(cfg.model_config(num_classes=self.data(cfg).num_classes))
+
+    def site_data(self, cfg: RunConfig, site: int, num_sites: int) -> Tensors:
+        from .own_images import own_site
+
+        train, test = own_site(self.data(cfg), site, num_sites, cfg.partitioning, cfg.dirichlet_alpha,
+                               cfg.domains_per_site, cfg.seed, cfg.site_test_fraction, cfg.max_examples_per_site)
+        return (*train.tensors(), *test.tensors())
+
+    def global_test(self, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data(cfg).test.tensors()
+
+
+class CharLMTask(Task):
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        from .charlm import CharMoETransformer
+
+        return CharMoETransformer(charlm_config(cfg))
+
+    def site_data(self, cfg: RunConfig, site: int, num_sites: int) -> Tensors:
+        splits = site_splits(cfg, site)
+        train = torch.cat([s.train for s in splits])
+        test = torch.cat([s.test for s in splits])
+        return train[:, :-1], train[:, 1:], test[:, :-1], test[:, 1:]
+
+    def global_test(self, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first GLOBAL_TEST_WINDOWS held-out windows of every language."""
+        test = torch.cat([split.test for split in global_splits(cfg)])
+        return test[:, :-1], test[:, 1:]
+
+    def site_label(self, cfg: RunConfig, site: int) -> str:
+        """The site's languages."""
+        return "+".join(label for label, _ in site_corpora(cfg, site))
+
+    def bits_per_nat(self, cfg: RunConfig, site: int | None) -> float:
+        import math
+
+        splits = global_splits(cfg) if site is None else site_splits(cfg, site)
+        return bytes_per_character(splits) / math.log(2)
+
+
+BUILT_IN: dict[str, type[Task]] = {"fmnist": FashionMNISTTask, "images": OwnImagesTask, "charlm": CharLMTask}
+
+
+@lru_cache(maxsize=8)
+def task_of(name: str) -> Task:
+    """The task a run config names: a built-in one, or ``module:ClassName``."""
+    if name in BUILT_IN:
+        return BUILT_IN[name]()
+    module, _, attr = name.partition(":")
+    task = getattr(importlib.import_module(module), attr)()
+    if not isinstance(task, Task):
+        raise TypeError(f"run config 'task': {name} is not a fedmoe.tasks.Task")
+    return task
+
+
+def build_model(cfg: RunConfig) -> nn.Module:
+    return task_of(cfg.task).build_model(cfg)
+
+
+@lru_cache(maxsize=4)
+def site_data(cfg: RunConfig, site: int, num_sites: int) -> Tensors:
+    """The site's tensors (Task.site_data), cached per process."""
+    return task_of(cfg.task).site_data(cfg, site, num_sites)
+
+
+@lru_cache(maxsize=2)
+def global_test(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    return task_of(cfg.task).global_test(cfg)
+
+
+def site_label(cfg: RunConfig, site: int) -> str:
+    return task_of(cfg.task).site_label(cfg, site)
+
+
+def bits_per_nat(cfg: RunConfig, site: int | None = None) -> float | None:
+    return task_of(cfg.task).bits_per_nat(cfg, site)
+
+
+# charlm helpers
+
+
+def charlm_config(cfg: RunConfig):
+    from .charlm import CharLMConfig
+
     return CharLMConfig(
         seq_len=cfg.seq_len, d_model=cfg.d_model, num_heads=cfg.num_heads, num_moe_layers=cfg.num_moe_layers,
         num_experts=cfg.num_experts, top_k=cfg.top_k, expert_hidden=cfg.expert_hidden,
@@ -33,66 +202,28 @@ def charlm_config(cfg: RunConfig) -> CharLMConfig:
     )
 
 
-def build_model(cfg: RunConfig) -> nn.Module:
-    if cfg.task == "charlm":
-        return CharMoETransformer(charlm_config(cfg))
-    return MoEClassifier(cfg.model_config())
-
-
 def site_corpora(cfg: RunConfig, site: int) -> list[tuple[str, str]]:
-    """(label, source) of the corpora site ``site`` holds (charlm)."""
+    """(label, source) of the corpora site ``site`` holds."""
+    from .text import site_sources
+
     sources = site_sources([lang for lang in cfg.languages.split(",") if lang], cfg.text_dir)
     per_site = 1 if cfg.text_dir else cfg.languages_per_site
     return [sources[(site * per_site + j) % len(sources)] for j in range(per_site)]
 
 
-def site_label(cfg: RunConfig, site: int) -> str:
-    """What distinguishes the site's data: its languages (charlm), else its partition id, with its
-    domain when each site holds one (the domain split gives site i domain i mod 3)."""
-    if cfg.task == "charlm":
-        return "+".join(label for label, _ in site_corpora(cfg, site))
-    if cfg.partitioning == "domain" and cfg.domains_per_site == 1:
-        from .data import DOMAINS
+def global_splits(cfg: RunConfig):
+    from .text import site_sources, split_corpus
 
-        return f"{site} {list(DOMAINS)[site % len(DOMAINS)]}"
-    return str(site)
-
-
-@lru_cache(maxsize=4)
-def site_data(cfg: RunConfig, site: int, num_sites: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train inputs, train targets, test inputs, test targets) of one site, cached per process."""
-    if cfg.task == "charlm":
-        splits = site_splits(cfg, site)
-        train = torch.cat([s.train for s in splits])
-        test = torch.cat([s.test for s in splits])
-        return train[:, :-1], train[:, 1:], test[:, :-1], test[:, 1:]
-    images = load_site(
-        site, num_sites, partitioning=cfg.partitioning, alpha=cfg.dirichlet_alpha,
-        domains_per_site=cfg.domains_per_site, seed=cfg.seed, test_fraction=cfg.site_test_fraction,
-        source=cfg.data_source, max_examples=cfg.max_examples_per_site,
-    )
-    return (*images.train.tensors(), *images.test.tensors())
-
-
-@lru_cache(maxsize=2)
-def global_test(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The held-out set the server evaluates on: the 10k Fashion-MNIST test images, or the first
-    GLOBAL_TEST_WINDOWS held-out windows of every language (charlm)."""
-    if cfg.task == "charlm":
-        test = torch.cat([split.test for split in global_splits(cfg)])
-        return test[:, :-1], test[:, 1:]
-    return load_global_test(cfg.data_source).tensors()
-
-
-def global_splits(cfg: RunConfig) -> list[TextSplit]:
     sources = site_sources([lang for lang in cfg.languages.split(",") if lang], cfg.text_dir)
     return [split_corpus(source, cfg.seq_len, GLOBAL_TEST_WINDOWS) for _, source in sources]
 
 
-def bytes_per_character(splits: list[TextSplit]) -> float:
+def bytes_per_character(splits) -> float:
     """UTF-8 bytes per character of the splits' held-out windows (bits per byte -> per character)."""
     return sum(s.test_bytes for s in splits) / sum(s.test_characters for s in splits)
 
 
-def site_splits(cfg: RunConfig, site: int) -> list[TextSplit]:
+def site_splits(cfg: RunConfig, site: int):
+    from .text import split_corpus
+
     return [split_corpus(source, cfg.seq_len, cfg.max_examples_per_site) for _, source in site_corpora(cfg, site)]

@@ -36,6 +36,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from .compression import MalformedPayload
+from .compression import decode as compression_decode
+
 ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
@@ -204,12 +207,14 @@ def raise_for_status(content: RecordDict) -> None:
 
 def decode_train_reply(
     content: RecordDict, global_arrays: Mapping[str, np.ndarray], num_experts: int, max_update_norm: float = 0.0,
-    personal: frozenset[str] = frozenset(),
+    personal: frozenset[str] = frozenset(), compression: str = "none",
 ) -> TrainReply:
     """Parse and validate a train reply against the current global model; raise InvalidReply
     (or BudgetExhausted / ModelCacheMiss for a site that did not train). With max_update_norm > 0,
     a reply whose update (all its tensors minus the global ones) has a larger L2 norm is invalid.
-    Tensors in ``personal`` (fedmoe.personalization) stay at the sites: a reply carrying one is invalid."""
+    Tensors in ``personal`` (fedmoe.personalization) stay at the sites: a reply carrying one is invalid.
+    With ``compression`` fp16 or int8 the tensors are compressed updates (fedmoe.compression),
+    decoded against the global model first; every check then applies to the decoded tensors."""
     raise_for_status(content)
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         raise InvalidReply(f"reply lacks the '{ARRAYS}' ArrayRecord or the '{METRICS}' MetricRecord")
@@ -233,13 +238,18 @@ def decode_train_reply(
         raise InvalidReply(f"'{EXPERT_COUNTS}' must be {total_experts} finite counts >= 0")
 
     record = content.array_records[ARRAYS]
+    received = {key: array_to_numpy(array) for key, array in record.items()}
+    if compression != "none":
+        try:
+            received = compression_decode(received, compression, global_arrays)
+        except MalformedPayload as exc:
+            raise InvalidReply(f"compressed update ({compression}): {exc}") from exc
     arrays: dict[str, np.ndarray] = {}
-    for key, array in record.items():
+    for key, value in received.items():
         if key not in global_arrays:
             raise InvalidReply(f"unknown tensor '{key}'")
         if key in personal:
             raise InvalidReply(f"tensor '{key}' is a personal part (personalize): sites keep it")
-        value = array_to_numpy(array)
         reference = global_arrays[key]
         if value.shape != reference.shape or value.dtype != reference.dtype:
             raise InvalidReply(
@@ -343,7 +353,8 @@ class Release:
 
 ANY_TENSOR = "*"
 RELEASES: dict[tuple[str, str], Release] = {
-    (ARRAYS, ANY_TENSOR): Release(CHARGED, "DP-SGD output: shared tensors and active experts, trained on clipped, noised gradients"),
+    (ARRAYS, ANY_TENSOR): Release(CHARGED, "DP-SGD output: shared tensors and active experts, trained on clipped, noised gradients "
+                                           "(with update-compression: their difference to the public global model, compressed: post-processing)"),
     (METRICS, EXPERT_COUNTS): Release(CHARGED, "routing counts through the Gaussian mechanism (count-noise-multiplier), charged per round"),
     (METRICS, ACTIVE_EXPERTS): Release(POST_PROCESSING, "chosen from the noised counts"),
     (METRICS, SENT_BYTES): Release(POST_PROCESSING, "size of the tensors of the shared part and the active experts"),

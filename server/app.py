@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 from logging import INFO, WARNING
@@ -18,6 +17,7 @@ from fedmoe.config import RunConfig
 from fedmoe.personalization import personal_keys
 from fedmoe.plots import plot_learning_curve, plot_utilisation, utilisation_panels
 from fedmoe.results import RunRecorder, end_status, log_to_file, rounds_without_updates, state_sha256
+from fedmoe.site_binding import SiteBinding, read_registry
 from fedmoe.training import evaluate
 
 from .strategy import ExpertMatched, FedAvgMoE, RoundStats
@@ -35,7 +35,7 @@ def main(grid: Grid, context: Context) -> None:
     full_model_bytes = wire.to_record(model.state_dict()).count_bytes()
     test_inputs, test_targets = tasks.global_test(cfg)
     # charlm: cross-entropy per byte (nats) -> bits per character of the held-out text
-    bits_per_char_per_nat = tasks.bytes_per_character(tasks.global_splits(cfg)) / math.log(2) if cfg.task == "charlm" else None
+    bits_per_char_per_nat = tasks.bits_per_nat(cfg)
 
     extra = {"model_parameters": sum(p.numel() for p in model.parameters())}
     if cfg.resume:
@@ -88,6 +88,8 @@ def main(grid: Grid, context: Context) -> None:
             min_available_nodes=cfg.min_nodes,
             server_optimizer=cfg.server_optimizer_state(),
             personal=personal_keys(initial_state, cfg.personalize),
+            compression=cfg.update_compression,
+            site_binding=SiteBinding(read_registry(cfg.site_registry) if cfg.site_registry else None),
         )
         strategy.load_state(strategy_state)
 

@@ -35,6 +35,7 @@ from fedmoe import wire
 from fedmoe.aggregation import RobustRules, SiteUpdate, expert_matched_average, load_coefficient_of_variation
 from fedmoe.downlink import WHOLE_MODEL, ModelVersions
 from fedmoe.server_optimizers import ServerOptimizer
+from fedmoe.site_binding import SiteBinding
 
 
 @dataclass
@@ -82,15 +83,22 @@ class FedAvgMoE(FedAvg):
         average is the new model.
     personal : frozenset[str]
         Tensors the sites keep (fedmoe.personalization): never in a valid reply, never aggregated.
+    site_binding : SiteBinding | None
+        Which node may speak for which site (fedmoe.site_binding); None: bound on first use.
+    compression : str
+        How sites encode their updates (fedmoe.compression): decoded before validation.
     **kwargs
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
 
     def __init__(self, num_experts: int, round_offset: int = 0, sparse_downlink: bool = True,
                  max_update_norm: float = 0.0, server_optimizer: ServerOptimizer | None = None,
-                 personal: frozenset[str] = frozenset(), **kwargs) -> None:
+                 personal: frozenset[str] = frozenset(), site_binding: SiteBinding | None = None, compression: str = "none",
+                 **kwargs) -> None:
         super().__init__(**kwargs)
+        self.compression = compression
         self.personal = personal
+        self.site_binding = site_binding or SiteBinding()
         self.num_experts = num_experts
         self.max_update_norm = max_update_norm
         self.server_optimizer = server_optimizer
@@ -178,13 +186,18 @@ class FedAvgMoE(FedAvg):
                 continue
             else:
                 try:
-                    valid.append((msg, wire.decode_train_reply(msg.content, self.global_arrays, self.num_experts,
-                                                               self.max_update_norm, self.personal)))
-                    continue
+                    reply = wire.decode_train_reply(msg.content, self.global_arrays, self.num_experts,
+                                                    self.max_update_norm, self.personal, self.compression)
+                    reason = self.site_binding.check(node, str(reply.site))
+                    if reason is None:
+                        valid.append((msg, reply))
+                        continue
                 except wire.BudgetExhausted as exc:
-                    log(INFO, "round %d: %s", server_round, exc)
-                    stats.budget_exhausted[str(exc.site)] = exc.epsilon
-                    continue
+                    reason = self.site_binding.check(node, str(exc.site))
+                    if reason is None:
+                        log(INFO, "round %d: %s", server_round, exc)
+                        stats.budget_exhausted[str(exc.site)] = exc.epsilon
+                        continue
                 except wire.InvalidReply as exc:
                     reason = f"node {node}: {exc}"
             log(WARNING, "round %d: dropped reply from %s", server_round, reason)
@@ -239,6 +252,9 @@ class FedAvgMoE(FedAvg):
     def average(self, server_round: int, decoded: list[tuple[Message, wire.TrainReply]]) -> ArrayRecord:
         """Flower's FedAvg over the valid replies (each holds the whole model but the personal parts,
         which keep their global values)."""
+        if self.compression != "none":  # FedAvg averages what the replies stand for, not their payloads
+            for msg, reply in decoded:
+                msg.content[wire.ARRAYS] = wire.to_record(reply.arrays)
         arrays, _ = super().aggregate_train(server_round, [msg for msg, _ in decoded])
         return wire.to_record({**self.global_arrays, **wire.to_numpy(arrays)})
 
@@ -256,6 +272,11 @@ class FedAvgMoE(FedAvg):
                 r = wire.decode_evaluate_reply(msg.content)
             except wire.InvalidReply as exc:
                 log(WARNING, "round %d: dropped evaluation reply from node %d: %s", server_round, msg.metadata.src_node_id, exc)
+                continue
+            claim = self.site_binding.check(msg.metadata.src_node_id, str(r.site))
+            if claim is not None:
+                log(WARNING, "round %d: dropped evaluation reply: %s", server_round, claim)
+                stats.rejected_replies.append(claim)
                 continue
             stats.site_accuracy[str(r.site)] = r.accuracy
             stats.site_loss[str(r.site)] = r.loss

@@ -65,3 +65,64 @@ def test_drivers_take_run_config_overrides_on_top_of_the_preset():
     with pytest.raises(SystemExit) as exited:
         chosen_preset(PRESETS, bad)  # the full preset has 32 experts
     assert exited.value.code == 2
+
+
+def test_seeds_are_summarised_by_mean_and_sample_std(tmp_path, monkeypatch):
+    import experiments.benchmark as benchmark
+
+    accuracy = {0: 0.5, 1: 0.7, 2: 0.9}  # mean 0.7, sample std 0.2
+    site_accuracy = {0: (0.6, 0.8), 1: (0.6, 0.6), 2: (0.9, 0.7)}  # per-seed site means 0.7, 0.6, 0.8
+
+    def fake_benchmark(preset, out, target, methods):
+        seed = preset["config"]["seed"]
+        result = {"final_accuracy": accuracy[seed], "epsilon": None, "wall_seconds": 1.0,
+                  "per_site_accuracy": dict(zip(("0", "1"), site_accuracy[seed]))}
+        report = {"methods": {m: result for m in methods}, "headline": {"gap": accuracy[seed] - 0.5}}
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps(report))
+        return report
+
+    monkeypatch.setattr(benchmark, "run_benchmark", fake_benchmark)
+    preset = {"sites": 2, "config": {"seed": 9}}
+    summary = benchmark.run_seeds(preset, tmp_path, [0, 1, 2], methods=("expert_matched",))
+    em = summary["methods"]["expert_matched"]
+    assert em["final_accuracy"]["mean"] == pytest.approx(0.7) and em["final_accuracy"]["std"] == pytest.approx(0.2)
+    assert em["mean_per_site_accuracy"]["mean"] == pytest.approx(0.7)
+    assert em["mean_per_site_accuracy"]["std"] == pytest.approx(0.1)
+    assert em["per_site_accuracy"]["0"]["min"] == pytest.approx(0.6) and em["per_site_accuracy"]["1"]["max"] == 0.8
+    assert summary["headline"]["gap"]["mean"] == pytest.approx(0.2)
+    assert "0.7000 ± 0.2000" in (tmp_path / "seeds.md").read_text()
+    # a finished seed is read back, not run again
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *a: pytest.fail("seed ran again"))
+    again = benchmark.run_seeds(preset, tmp_path, [0, 1, 2], methods=("expert_matched",))
+    assert again["methods"] == summary["methods"]
+
+
+def test_dp_methods_take_the_presets_dp_recipe_unless_overridden():
+    from experiments.benchmark import PRESETS
+    from experiments.reporting import chosen_preset, driver_parser
+
+    args = driver_parser("", PRESETS).parse_args(["--preset", "low-data", "--out", "x", "-c", "learning-rate=0.003"])
+    preset = chosen_preset(PRESETS, args)
+    assert preset["dp-config"] == {"batch-size": 64}  # -c wins over the DP recipe too
+    assert preset["config"]["learning-rate"] == 0.003 and preset["config"]["batch-size"] == 32
+
+
+def test_only_dp_methods_run_with_the_dp_recipe(tmp_path, monkeypatch):
+    import experiments.benchmark as benchmark
+
+    submitted = {}
+
+    def fake_run_app(overrides, **kwargs):
+        submitted[kwargs["run_name"]] = overrides
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(benchmark, "run_app", fake_run_app)
+    preset = {"sites": 3, "config": {"batch-size": 32, "learning-rate": 0.002}, "dp-config": {"batch-size": 64}}
+    for method in ("expert_matched", "expert_matched_personal_dp"):
+        with pytest.raises(RuntimeError, match="stop here"):
+            benchmark.run_benchmark(preset, tmp_path / method, methods=(method,))
+    assert submitted["expert_matched"]["batch-size"] == 32 and submitted["expert_matched"]["dp"] is False
+    personal_dp = submitted["expert_matched_personal_dp"]
+    assert personal_dp["batch-size"] == 64 and personal_dp["learning-rate"] == 0.002
+    assert personal_dp["dp"] is True and personal_dp["personalize"] == "head" and personal_dp["dp-site-evaluation"]

@@ -57,7 +57,7 @@ def test_domain_partitions_hold_one_domain_each_and_cover_all_domains():
     labels = labels_fixture()
     seen = set()
     for p in range(6):
-        rows = data.partition_rows(labels, p, 6, "domain", 0.5, 1, 0)
+        rows = data.partition_rows(labels, data._DOMAIN_OF_CLASS[labels], p, 6, "domain", 0.5, 1, 0)
         domains = {int(data._DOMAIN_OF_CLASS[c]) for c in labels[rows]}
         assert len(domains) == 1
         seen |= domains
@@ -67,7 +67,7 @@ def test_domain_partitions_hold_one_domain_each_and_cover_all_domains():
 @pytest.mark.parametrize("partitioning", ["iid", "dirichlet", "domain"])
 def test_partitions_are_disjoint(partitioning):
     labels = labels_fixture()
-    parts = [data.partition_rows(labels, p, 4, partitioning, 0.5, 2, 0) for p in range(4)]
+    parts = [data.partition_rows(labels, data._DOMAIN_OF_CLASS[labels], p, 4, partitioning, 0.5, 2, 0) for p in range(4)]
     everything = np.concatenate(parts)
     assert len(everything) == len(set(everything.tolist()))
 
@@ -85,13 +85,13 @@ def test_site_has_disjoint_train_and_test():
 def test_partition_rows_are_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path))
     labels = labels_fixture()
-    first = data.partition_rows(labels, 1, 3, "dirichlet", 0.3, 1, 5)
+    first = data.partition_rows(labels, data._DOMAIN_OF_CLASS[labels], 1, 3, "dirichlet", 0.3, 1, 5)
     assert len(list((tmp_path / "partitions").glob("*.npy"))) == 1
 
     def fail(*args):
         raise AssertionError("partitioner ran again despite the cache")
 
     monkeypatch.setattr(data, "_fitted_partitioner", fail)
-    assert np.array_equal(data.partition_rows(labels, 1, 3, "dirichlet", 0.3, 1, 5), first)
+    assert np.array_equal(data.partition_rows(labels, data._DOMAIN_OF_CLASS[labels], 1, 3, "dirichlet", 0.3, 1, 5), first)
     with pytest.raises(AssertionError, match="ran again"):
-        data.partition_rows(labels, 1, 3, "dirichlet", 0.3, 1, 6)  # another seed is another partition
+        data.partition_rows(labels, data._DOMAIN_OF_CLASS[labels], 1, 3, "dirichlet", 0.3, 1, 6)  # another seed is another partition

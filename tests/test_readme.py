@@ -1,7 +1,10 @@
-"""README's marked examples run as written, from the repository root, with the venv not activated.
+"""README's marked examples run as written, in README order, from the repository root, with the
+venv not activated.
 
 A fenced block right after ``<!-- readme-test -->`` runs with bash; after
-``<!-- readme-test python -->`` with the venv's python. Each must exit 0 and leave a completed run.
+``<!-- readme-test python -->`` with the venv's python; after ``<!-- readme-test file=NAME -->``
+it is saved as NAME beside pyproject.toml (removed after these tests). Each must exit 0; a block
+that starts a run must leave exactly one new completed run in results/.
 """
 
 import json
@@ -16,16 +19,30 @@ import pytest
 from experiments.launch import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-MARKED = re.compile(r"<!-- readme-test( python)? -->\n```(\w+)\n(.*?)```", re.S)
+MARKED = re.compile(r"<!-- readme-test(?: (python|file=\S+))? -->\n```\w+\n(.*?)```", re.S)
+STARTS_A_RUN = ("experiments.launch", "flwr run", "fedmoe.run(")
 
 
 def readme_examples() -> list[tuple[str, str]]:
-    return [("python" if python else "bash", code) for python, _, code in MARKED.findall((ROOT / "README.md").read_text())]
+    return [(kind or "bash", code) for kind, code in MARKED.findall((ROOT / "README.md").read_text())]
 
 
-def test_readme_marks_the_quick_examples():
+def example_id(example) -> str:
+    kind, code = example
+    return f"{kind}: {code.strip().splitlines()[-1][:50]}"
+
+
+@pytest.fixture(scope="module")
+def written_files():
+    written: list[Path] = []
+    yield written
+    for path in written:
+        path.unlink(missing_ok=True)
+
+
+def test_readme_marks_the_examples():
     kinds = [kind for kind, _ in readme_examples()]
-    assert kinds.count("bash") >= 2 and kinds.count("python") == 1
+    assert kinds.count("bash") >= 4 and kinds.count("python") >= 3 and "file=my_task.py" in kinds
 
 
 def shell_without_venv() -> dict[str, str]:
@@ -41,13 +58,19 @@ def completed_runs() -> set[Path]:
             if json.loads(p.read_text()).get("status") == "completed"}
 
 
-@pytest.mark.parametrize("kind,code", readme_examples(), ids=lambda v: v.splitlines()[-1][:40] if "\n" in v else v)
-def test_readme_example_runs_as_written(kind, code):
+@pytest.mark.parametrize("example", readme_examples(), ids=example_id)
+def test_readme_example_runs_as_written(example, written_files):
+    kind, code = example
+    if kind.startswith("file="):
+        path = ROOT / kind.removeprefix("file=")
+        path.write_text(code)
+        written_files.append(path)
+        return
     env = shell_without_venv()
     # flwr's local SuperLink outlives the command: give it ports of its own to stop it by
     control_port = free_port()
     env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(control_port))
-    command = ["bash", "-e", "-c", code] if kind == "bash" else [sys.executable, "-c", code]
+    command = ["bash", "-e", "-c", code] if kind == "bash" else [str(ROOT / ".venv" / "bin" / "python"), "-c", code]
     before = completed_runs()
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -55,6 +78,8 @@ def test_readme_example_runs_as_written(kind, code):
         subprocess.run(["pkill", "-f", f"control-api-address 127.0.0.1:{control_port}"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Installing application dependencies" not in done.stdout + done.stderr
+    if not any(marker in code for marker in STARTS_A_RUN):
+        return
     new_runs = completed_runs() - before
     assert len(new_runs) == 1, f"expected one new completed run in results/, got {sorted(new_runs)}"
     summary = json.loads((new_runs.pop() / "summary.json").read_text())

@@ -1,0 +1,132 @@
+"""Compressed updates: int8 and fp16 codecs against hand-computed bounds, error feedback that
+loses nothing over rounds, malformed payloads rejected, and a real site's compressed reply
+decoded by the server into its trained tensors."""
+
+import numpy as np
+import pytest
+import torch
+
+from clients.app import app as client_app
+from fedmoe import compression, wire
+from fedmoe.compression import ErrorFeedback, MalformedPayload, decode, encode
+from fedmoe.config import RunConfig
+from tests.sites import context, global_model, message, needs_fmnist, run_config, server_identity  # noqa: F401
+
+RNG = np.random.default_rng(0)
+UPDATE = {"w": RNG.normal(size=(5, 7)).astype(np.float32), "b": RNG.normal(size=7).astype(np.float32),
+          "t": RNG.normal(size=(3, 2, 4)).astype(np.float32)}
+ZEROS = {k: np.zeros_like(v) for k, v in UPDATE.items()}
+
+
+def test_int8_rounds_each_value_to_within_half_its_rows_step():
+    payload = encode(UPDATE, "int8")
+    assert payload["w"].dtype == np.int8 and payload["w" + compression.SCALE].shape == (5,)
+    assert payload["b" + compression.SCALE].shape == (1,) and payload["t" + compression.SCALE].shape == (3,)
+    decoded = decode(payload, "int8", ZEROS)
+    for key, u in UPDATE.items():
+        rows = u.reshape(len(u), -1) if u.ndim > 1 else u.reshape(1, -1)
+        step = np.abs(rows).max(axis=1) / 127  # each row's largest value maps to +-127 exactly
+        error = np.abs(decoded[key] - u).reshape(rows.shape)
+        assert np.all(error <= step[:, None] / 2 + 1e-6), key
+        largest = np.abs(rows).argmax(axis=1)
+        np.testing.assert_allclose(np.abs(decoded[key].reshape(rows.shape)[np.arange(len(rows)), largest]),
+                                   np.abs(rows).max(axis=1), rtol=1e-6)
+
+
+def test_fp16_is_the_half_precision_update_and_an_all_zero_row_survives():
+    decoded = decode(encode(UPDATE, "fp16"), "fp16", ZEROS)
+    for key, u in UPDATE.items():
+        np.testing.assert_array_equal(decoded[key], u.astype(np.float16).astype(np.float32))
+    zero_row = {"w": np.zeros((2, 3), dtype=np.float32)}
+    assert np.array_equal(decode(encode(zero_row, "int8"), "int8", {"w": np.ones((2, 3), np.float32)})["w"], np.ones((2, 3)))
+
+
+def test_decoded_update_is_added_to_the_global_tensor():
+    global_arrays = {k: np.full_like(v, 2.0) for k, v in UPDATE.items()}
+    decoded = decode(encode(UPDATE, "fp16"), "fp16", global_arrays)
+    np.testing.assert_allclose(decoded["w"], 2.0 + UPDATE["w"], atol=2e-3)
+
+
+@pytest.mark.parametrize("method", ["int8", "fp16"])
+def test_error_feedback_sends_the_whole_sum_of_updates_over_rounds(method):
+    feedback = ErrorFeedback()
+    received = {"w": np.zeros((4, 6), np.float32)}
+    true_total = np.zeros((4, 6))
+    sent_total = np.zeros((4, 6))
+    for r in range(6):
+        update = np.random.default_rng(r).normal(size=(4, 6)).astype(np.float32)
+        true_total += update
+        payload = feedback.compress({"w": received["w"] + update}, received, method)
+        sent_total += decode(payload, method, {"w": np.zeros((4, 6), np.float32)})["w"]
+        # what was sent plus what is still owed is exactly what was trained
+        np.testing.assert_allclose(sent_total + feedback.residual["w"], true_total, atol=1e-5)
+    step = np.abs(true_total).max() / 127
+    assert np.abs(feedback.residual["w"]).max() <= (step if method == "int8" else 1e-2)
+
+
+def test_an_expert_not_trained_this_round_keeps_what_it_is_owed():
+    feedback = ErrorFeedback({"expert_1": np.full((2, 2), 0.25, np.float32)})
+    feedback.compress({"expert_0": np.ones((2, 2), np.float32)}, {"expert_0": np.zeros((2, 2), np.float32)}, "int8")
+    np.testing.assert_array_equal(feedback.residual["expert_1"], np.full((2, 2), 0.25))
+
+
+def bad(method, change):
+    payload = encode(UPDATE, method)
+    change(payload)
+    return payload
+
+
+@pytest.mark.parametrize("method,change,reason", [
+    ("int8", lambda p: p.pop("w" + compression.SCALE), "scales"),
+    ("int8", lambda p: p.__setitem__("w" + compression.SCALE, np.full(5, np.nan, np.float32)), "finite"),
+    ("int8", lambda p: p.__setitem__("w" + compression.SCALE, -np.ones(5, np.float32)), ">= 0"),
+    ("int8", lambda p: p.__setitem__("w" + compression.SCALE, np.ones(4, np.float32)), "5 finite"),
+    ("int8", lambda p: p.__setitem__("w", p["w"].astype(np.int16)), "expected int8"),
+    ("int8", lambda p: p.__setitem__("w", p["w"][:4]), "expected int8[5, 7]"),
+    ("int8", lambda p: p.__setitem__("x", np.zeros(3, np.int8)), "scales"),
+    ("fp16", lambda p: p.__setitem__("w", p["w"].astype(np.float32)), "expected float16"),
+    ("fp16", lambda p: p.__setitem__("x", np.zeros(3, np.float16)), "unknown tensor 'x'"),
+    ("fp16", lambda p: p.__setitem__("w" + compression.SCALE, np.ones(5, np.float32)), "no scales"),
+])
+def test_malformed_payloads_are_refused_with_the_reason(method, change, reason):
+    with pytest.raises(MalformedPayload, match=reason.replace("[", r"\[").replace("]", r"\]")):
+        decode(bad(method, change), method, ZEROS)
+
+
+def test_an_int8_payload_is_a_quarter_of_float32_plus_its_scales():
+    update = {"w": RNG.normal(size=(64, 128)).astype(np.float32)}
+    payload = encode(update, "int8")
+    assert sum(v.nbytes for v in payload.values()) == 64 * 128 + 64 * 4
+
+
+@needs_fmnist
+@pytest.mark.parametrize("method", ["int8", "fp16"])
+def test_a_sites_compressed_reply_decodes_to_what_it_trained(tmp_path, method):
+    base = {"num-server-rounds": 2, "max-examples-per-site": 200, "d-model": 16, "expert-hidden": 16, "dp": False,
+            "seed": 2}
+    plain = client_app(message(global_model(run_config(base)), 1, tmp_path), context(run_config(base), tmp_path / "a"))
+    cfg = run_config(base, **{"update-compression": method})
+    model = global_model(cfg)
+    ctx = context(cfg, tmp_path / "b")
+    reply = client_app(message(model, 1, tmp_path), ctx)
+    assert not reply.has_error(), reply.error
+    global_arrays = {k: v.numpy() for k, v in model.state_dict().items()}
+    num_experts = RunConfig.from_run_config(cfg).num_experts
+    decoded = wire.decode_train_reply(reply.content, global_arrays, num_experts, compression=method)
+    trained = wire.decode_train_reply(plain.content, global_arrays, num_experts)
+    assert set(decoded.arrays) == set(trained.arrays)  # dp=false: the same training, bit for bit
+    for key, value in trained.arrays.items():
+        update = value - global_arrays[key]
+        tolerance = np.abs(update).max() / 127 / 2 + 1e-6 if method == "int8" else np.abs(update).max() * 1e-3 + 1e-7
+        assert np.abs(decoded.arrays[key] - value).max() <= tolerance, key
+    sent = {k: wire.array_to_numpy(a) for k, a in reply.content.array_records[wire.ARRAYS].items()}
+    values = sum(v.size for v in trained.arrays.values())
+    rows = sum(len(v) if v.ndim > 1 else 1 for v in trained.arrays.values())
+    assert sum(v.nbytes for v in sent.values()) == (values + 4 * rows if method == "int8" else 2 * values)
+    assert decoded.nbytes < trained.nbytes  # as received, headers and names included
+    residual = wire.to_numpy(ctx.state["compression-residual"])
+    for key, value in trained.arrays.items():  # what was not sent is owed, exactly
+        np.testing.assert_allclose(decoded.arrays[key] - global_arrays[key] + residual[key],
+                                   value - global_arrays[key], atol=1e-6)
+    with pytest.raises(wire.InvalidReply, match=f"compressed update \\({method}\\)"):
+        wire.decode_train_reply(plain.content, global_arrays, num_experts, compression=method)
