@@ -6,12 +6,18 @@ as containers): on loopback, or one host per network namespace.
 starts the SuperLink, its ServerApp SuperExec, and per site a SuperNode and its ClientApp
 SuperExec, runs the app through ``flwr run`` against them (experiments.launch with a named
 connection) and stops everything. Tests use ``LocalDeployment`` directly.
+
+Secure unless ``--insecure``: docker/make-credentials.sh makes the CA, certificates, SuperNode
+keys and SuperExec secrets in WORKDIR/secrets; the SuperLink requires TLS and SuperNode
+authentication; each site's public key is registered with ``flwr supernode register`` and the
+node id it gets goes into the site registry the ServerApp binds sites to (``site-registry``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -22,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmoe.deployment import Service, Tls, topology
+from fedmoe.deployment import SUPERLINK_PARTY, Secrets, Service, site_party, topology
 
 from .launch import (
     BIN, Target, exit_on_sigterm, flower_env, free_port, run_app, wait_healthy, write_connection,
@@ -30,6 +36,7 @@ from .launch import (
 from .reporting import add_run_config_argument, checked_run_config, parse_overrides
 
 CONNECTION = "fedmoe-deploy"
+MAKE_CREDENTIALS = Path(__file__).resolve().parent.parent / "docker" / "make-credentials.sh"
 
 
 @dataclass
@@ -43,17 +50,19 @@ class Host:
 class LocalDeployment:
     """The compose services as processes. ``host_of(service name) -> Host`` places them."""
 
-    def __init__(self, sites: int, workdir: Path, tls: Tls | None = None,
+    def __init__(self, sites: int, workdir: Path, insecure: bool = False,
                  host_of: Callable[[str], Host] | None = None) -> None:
         self.sites = sites
         self.workdir = Path(workdir).resolve()
-        self.tls = tls
+        self.secrets_dir = self.workdir / "secrets"
+        self.secrets = None if insecure else Secrets.on_host(str(self.secrets_dir))
         self.host_of = host_of or (lambda name: Host())
         self.superlink_port = free_port()
         self.node_ports = [free_port() for _ in range(sites)]
         self.processes: dict[str, subprocess.Popen] = {}
+        self.site_registry: dict[str, int] = {}
         self.services = {s.name: s for s in topology(
-            sites, tls=tls, superlink_host=self.host_of("superlink").address,
+            sites, secrets=self.secrets, superlink_host=self.host_of("superlink").address,
             node_host=lambda i: self.host_of(f"supernode-{i}").address, bind="0.0.0.0",
             superlink_port=self.superlink_port, node_port=lambda i: self.node_ports[i],
             state_root=str(self.workdir / "state"), results_dir=str(self.workdir / "results"),
@@ -87,16 +96,58 @@ class LocalDeployment:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        write_connection(self.flwr_home, CONNECTION, self.superlink_address, self.tls.ca_cert if self.tls else None)
+        if self.secrets is None:
+            print("experiments.deploy: INSECURE deployment (plain HTTP, no SuperNode authentication): anyone who "
+                  "reaches the SuperLink port may join", file=sys.stderr)
+        else:
+            self.make_credentials()
+        ca = self.secrets.path(SUPERLINK_PARTY, "ca.crt") if self.secrets else None
+        write_connection(self.flwr_home, CONNECTION, self.superlink_address, ca)
         link = self.start_service("superlink")
         self.wait_for_superlink(link)
+        if self.secrets is not None:
+            self.site_registry = self.register_sites()
+            self.registry_path.write_text(json.dumps(self.site_registry, indent=2) + "\n")
         self.start_service("serverapp")
         for i in range(self.sites):
             self.start_service(f"supernode-{i}")
             self.start_service(f"clientapp-{i}")
 
+    @property
+    def registry_path(self) -> Path:
+        return self.secrets_dir / SUPERLINK_PARTY / "site-registry.json"
+
+    def make_credentials(self) -> None:
+        """Every party's secrets (docker/make-credentials.sh), server certificates valid for
+        every address a service of this deployment is reached at."""
+        addresses = sorted({self.host_of(name).address for name in self.services} - {"127.0.0.1"})
+        subprocess.run(["bash", str(MAKE_CREDENTIALS), str(self.secrets_dir), str(self.sites),
+                        *(f"IP:{a}" for a in addresses)], check=True, capture_output=True)
+
+    def flwr(self, *args: str) -> subprocess.CompletedProcess:
+        """The flwr CLI against this deployment's SuperLink (from the SuperLink's host)."""
+        return subprocess.run([*self.host_of("superlink").prefix, str(BIN / "flwr"), *args], env=self.env,
+                              capture_output=True, text=True, timeout=60)
+
+    def register_sites(self) -> dict[str, int]:
+        """Site -> node id for every site: kept from the registry file where the SuperLink (its
+        database survives restarts) still knows that node, else registered now."""
+        known = json.loads(self.registry_path.read_text()) if self.registry_path.exists() else {}
+        listed = json.loads(self.flwr("supernode", "list", CONNECTION, "--format", "json").stdout or "{}")
+        alive = {int(node["node-id"]) for node in listed.get("nodes", []) if node.get("deleted-at") in (None, "N/A")}
+        return {str(i): known[str(i)] if known.get(str(i)) in alive
+                else self.register(self.secrets.path(site_party(i), "supernode.key.pub")) for i in range(self.sites)}
+
+    def register(self, public_key: str) -> int:
+        """Register a SuperNode public key with the SuperLink (flwr supernode register); its node id."""
+        done = self.flwr("supernode", "register", public_key, CONNECTION, "--format", "json")
+        reply = json.loads(done.stdout or "{}")  # with --format json flwr exits 0 even on failure
+        if not reply.get("success"):
+            raise RuntimeError(f"flwr supernode register {public_key} failed: {done.stdout} {done.stderr}")
+        return int(reply["node-id"])
+
     def wait_for_superlink(self, process: subprocess.Popen, timeout: float = 60.0) -> None:
-        if self.host_of("superlink").prefix or self.tls:
+        if self.host_of("superlink").prefix or self.secrets:
             # not reachable from here over plain HTTP: wait for its log line instead
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -132,7 +183,10 @@ class LocalDeployment:
         return Target(CONNECTION, self.env, self.host_of("superlink").prefix)
 
     def run(self, overrides: dict, run_name: str, timeout: float = 900) -> dict:
-        """Submit the app with ``flwr run`` through this deployment's connection; return its summary."""
+        """Submit the app with ``flwr run`` through this deployment's connection (sites bound to
+        their registered nodes when secure); return its summary."""
+        if self.site_registry:
+            overrides = {"site-registry": str(self.registry_path), **overrides}
         return run_app(overrides, target=self.target, results_dir=self.workdir / "results", run_name=run_name,
                        quiet=True, timeout=timeout)
 
@@ -153,11 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("results") / "deploy")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS, no SuperNode authentication: anyone who reaches the port may join (local trials only)")
     add_run_config_argument(parser)
     args = parser.parse_args(argv)
     overrides = checked_run_config(parse_overrides(args.run_config))
     started = time.time()
-    with LocalDeployment(args.sites, args.workdir) as deployment:
+    with LocalDeployment(args.sites, args.workdir, insecure=args.insecure) as deployment:
         summary = deployment.run(overrides, run_name=time.strftime("%Y%m%d-%H%M%S"))
     print(f"deployment run completed in {time.time() - started:.0f}s: final accuracy {summary['final_accuracy']:.4f}; "
           f"logs in {args.workdir / 'logs'}")

@@ -4,7 +4,8 @@ A reply names its site (the partition-id of its node's config), but that is the 
 The server binds each site to one node id, the id the SuperLink gives an authenticated node:
 either from a registry the operator writes (``site-registry``: site -> node id, e.g. from
 ``flwr supernode register``), or on first use (the first node to claim a site within this
-ServerApp process gets it). Afterwards a reply counts only if it comes from the node bound to
+ServerApp process gets it); with a registry, nodes it does not list are not even sent the model.
+Afterwards a reply counts only if it comes from the node bound to
 the site it names; a node bound to one site cannot speak for another. Whatever a rejected reply
 carried (update, epsilon, ledger, metrics) is dropped, so the per-site records and the privacy
 ledger follow the bound node.
@@ -23,6 +24,10 @@ class SiteBinding:
         self.site_of: dict[int, str] = {node: site for site, node in self.node_of.items()}
         if len(self.site_of) != len(self.node_of):
             raise ValueError("site registry: one node id is given for two sites")
+
+    def admits(self, node: int) -> bool:
+        """Whether ``node`` may be sent the model: with a registry, only the nodes it lists."""
+        return not self.fixed or node in self.site_of
 
     def check(self, node: int, site: str) -> str | None:
         """None if ``node`` may speak for ``site`` (binding them if neither is bound yet and no

@@ -129,16 +129,27 @@ class FedAvgMoE(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         self.global_arrays = wire.to_numpy(arrays)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self.registered_only(server_round, super().configure_train(server_round, arrays, config, grid))
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         self._stats(server_round).downlink_bytes += self.address_models(messages, arrays)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = self.registered_only(server_round, super().configure_evaluate(server_round, arrays, config, grid))
         self._stats(server_round).downlink_bytes += self.address_models(messages, arrays)
         return messages
+
+    def registered_only(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        """The messages to nodes the site binding admits; the others are logged and never sent."""
+        kept = []
+        for msg in messages:
+            if self.site_binding.admits(msg.metadata.dst_node_id):
+                kept.append(msg)
+            else:
+                log(WARNING, "round %d: node %d is not in the site registry: sent nothing", server_round,
+                    msg.metadata.dst_node_id)
+        return kept
 
     def address_models(self, messages: list[Message], arrays: ArrayRecord) -> int:
         """Give each message the tensors its node lacks (all of them without sparse downlink) and

@@ -1,4 +1,5 @@
-"""Deployment across hosts (network namespaces) with a site lost mid-run, and TLS on loopback."""
+"""Deployment across hosts (network namespaces), secure as shipped (TLS, SuperNode authentication),
+with a site lost mid-run."""
 
 import json
 import subprocess
@@ -8,8 +9,6 @@ import time
 import pytest
 
 from experiments.deploy import LocalDeployment
-from fedmoe.deployment import Tls
-from tests.conftest import ROOT
 from tests.netns import Network, namespaces_available
 
 SMALL = {"max-examples-per-site": 300, "d-model": 16, "expert-hidden": 16}
@@ -52,14 +51,3 @@ def test_multi_host_run_survives_a_lost_site(tmp_path):
     assert network.created == []
     done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     assert network.switch not in done.stdout
-
-
-def test_tls_deployment_on_loopback(tmp_path):
-    certs = tmp_path / "certs"
-    subprocess.run(["bash", str(ROOT / "docker" / "make-certs.sh"), str(certs)], check=True, capture_output=True)
-    tls = Tls(str(certs / "ca.crt"), str(certs / "server.pem"), str(certs / "server.key"))
-    with LocalDeployment(2, tmp_path / "deploy", tls=tls) as deployment:
-        summary = deployment.run({**SMALL, "num-server-rounds": 1}, run_name="tls")
-        superlink_log = deployment.log_path("superlink").read_text()
-    assert summary["status"] == "completed" and summary["rounds"][0]["replies"] == 2
-    assert "--insecure" not in superlink_log.splitlines()[0]

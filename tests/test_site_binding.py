@@ -75,3 +75,14 @@ def test_an_evaluation_from_the_wrong_node_is_left_out():
     metrics = s.aggregate_evaluate(1, [evaluate_reply(1, 0, 10, 0.9, 0.1), evaluate_reply(2, 0, 90, 0.1, 2.0)])
     assert metrics["accuracy"] == pytest.approx(0.9) and s.round_stats[1].site_accuracy == {"0": 0.9}
     assert s.round_stats[1].rejected_replies == ["node 2 is bound to site 1 but claims site 0"]
+
+
+def test_with_a_registry_only_registered_nodes_are_sent_the_model():
+    from tests.test_strategy import Grid, record
+
+    s = strategy(site_binding=SiteBinding({"0": 1, "1": 2}))
+    messages = list(s.configure_train(1, record(), ConfigRecord(), Grid([1, 2, 99])))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2] and s.sampled[1] == [m.metadata.dst_node_id for m in messages]
+    evaluations = list(s.configure_evaluate(1, record(), ConfigRecord(), Grid([1, 2, 99])))
+    assert sorted(m.metadata.dst_node_id for m in evaluations) == [1, 2]
+    assert len(list(strategy().configure_train(1, record(), ConfigRecord(), Grid([1, 2, 99])))) == 3
