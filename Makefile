@@ -22,22 +22,11 @@ setup: $(STAMP) data .flwr/config.toml
 # `flwr run .` with this venv activated: FLWR_HOME in the checkout (3 simulated SuperNodes, see
 # scripts/flwr-config.toml) and no per-run re-install of the dependencies by the SuperLink (it
 # would fetch them with uv into a fresh environment for every run; the venv already has them).
-ACTIVATE_HOOK := export FLWR_HOME="$(CURDIR)/.flwr" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+ACTIVATE_HOOK := export FLWR_HOME="$(CURDIR)/.flwr" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1  \# fedmoe: flwr run . in this checkout
 .flwr/config.toml: scripts/flwr-config.toml $(STAMP)
 	mkdir -p .flwr && cp scripts/flwr-config.toml $@
-	grep -qxF '$(ACTIVATE_HOOK)' $(VENV)/bin/activate || \
-	  printf '\n# fedmoe (make setup): flwr run . in this checkout\n%s\n' '$(ACTIVATE_HOOK)' >> $(VENV)/bin/activate
-
-$(STAMP): pyproject.toml constraints.txt Makefile
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "fedmoe needs Python >= 3.11"'
-	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	if [ -n "$(TORCH_INDEX)" ]; then \
-	  $(PIP) --timeout 5 --retries 0 --index-url $(TORCH_INDEX) $(TORCH) || \
-	  { echo "torch: $(TORCH_INDEX) not reachable; falling back to the default index"; $(PIP) $(TORCH); }; \
-	else $(PIP) $(TORCH); fi
-	$(VPY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > $(VENV)/requirements.txt
-	$(PIP) -r $(VENV)/requirements.txt -c constraints.txt
-	touch $@
+	sed -i '/# fedmoe: flwr run . in this checkout/d' $(VENV)/bin/activate
+	echo '$(ACTIVATE_HOOK)' >> $(VENV)/bin/activate
 
 data:
 	@bash scripts/get-data.sh
