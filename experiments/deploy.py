@@ -60,6 +60,7 @@ class LocalDeployment:
         self.superlink_port = free_port()
         self.node_ports = [free_port() for _ in range(sites)]
         self.processes: dict[str, subprocess.Popen] = {}
+        self.log_starts: dict[str, int] = {}
         self.site_registry: dict[str, int] = {}
         self.services = {s.name: s for s in topology(
             sites, secrets=self.secrets, superlink_host=self.host_of("superlink").address,
@@ -88,6 +89,7 @@ class LocalDeployment:
         self.log_path(name).parent.mkdir(parents=True, exist_ok=True)
         argv = [*host.prefix, str(BIN / service.argv[0]), *service.argv[1:]]
         with open(self.log_path(name), "ab") as log:
+            self.log_starts[name] = log.tell()  # the log is appended to across starts
             log.write(f"+ {shlex.join(argv)}\n".encode())
             process = subprocess.Popen(argv, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
@@ -113,6 +115,12 @@ class LocalDeployment:
             self.start_service(f"supernode-{i}")
             self.start_service(f"clientapp-{i}")
 
+    def log_since_start(self, name: str) -> str:
+        """What the service's latest process wrote to its log."""
+        with open(self.log_path(name), "rb") as log:
+            log.seek(self.log_starts.get(name, 0))
+            return log.read().decode(errors="replace")
+
     @property
     def registry_path(self) -> Path:
         return self.secrets_dir / SUPERLINK_PARTY / "site-registry.json"
@@ -134,6 +142,8 @@ class LocalDeployment:
         database survives restarts) still knows that node, else registered now."""
         known = json.loads(self.registry_path.read_text()) if self.registry_path.exists() else {}
         listed = json.loads(self.flwr("supernode", "list", CONNECTION, "--format", "json").stdout or "{}")
+        if not listed.get("success"):
+            raise RuntimeError(f"flwr supernode list failed: {listed}")
         alive = {int(node["node-id"]) for node in listed.get("nodes", []) if node.get("deleted-at") in (None, "N/A")}
         return {str(i): known[str(i)] if known.get(str(i)) in alive
                 else self.register(self.secrets.path(site_party(i), "supernode.key.pub")) for i in range(self.sites)}
@@ -153,7 +163,7 @@ class LocalDeployment:
             while time.monotonic() < deadline:
                 if process.poll() is not None:
                     raise RuntimeError(f"superlink exited: see {self.log_path('superlink')}")
-                if "Uvicorn running" in self.log_path("superlink").read_text(errors="replace"):
+                if "Uvicorn running" in self.log_since_start("superlink"):
                     return
                 time.sleep(0.2)
             raise RuntimeError("superlink did not start")

@@ -203,3 +203,15 @@ def test_a_registered_node_claiming_another_sites_id_is_rejected(loopback):
     for r in summary["rounds"]:
         assert r["replies"] == 2 and set(r["site_update_norm"]) == {"0", "1"}
         assert f"node {liar} is bound to site 2 but claims site 0" in r["rejected_replies"]
+
+
+def test_a_restarted_deployment_keeps_its_registered_sites(tmp_path):
+    """Second start in the same folder: same keys, same SuperLink database, so the sites keep
+    their node ids instead of failing to register their keys again."""
+    with LocalDeployment(1, tmp_path) as first:
+        registry = dict(first.site_registry)
+    with LocalDeployment(1, tmp_path) as second:
+        assert second.site_registry == registry
+        assert registered_nodes(second) == set(registry.values())
+        assert "Uvicorn running" in second.log_since_start("superlink")
+        assert second.log_path("superlink").read_text().count("Uvicorn running") == 2
