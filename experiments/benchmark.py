@@ -275,7 +275,7 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
         return "-" if stat is None else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
 
     methods = summary["methods"]
-    sites = list(next(iter(methods.values()))["per_site_accuracy"])
+    sites = sorted(next(iter(methods.values()))["per_site_accuracy"], key=int)
     rows = [{"method": name, "global accuracy": fmt(m["final_accuracy"]),
              "mean own-site accuracy": fmt(m["mean_per_site_accuracy"]),
              **{f"site {s}": fmt(m["per_site_accuracy"].get(s)) for s in sites},
