@@ -28,6 +28,17 @@ ACTIVATE_HOOK := export FLWR_HOME="$(CURDIR)/.flwr" FLWR_DISABLE_RUNTIME_DEPENDE
 	sed -i '/# fedmoe: flwr run . in this checkout/d' $(VENV)/bin/activate
 	echo '$(ACTIVATE_HOOK)' >> $(VENV)/bin/activate
 
+$(STAMP): pyproject.toml constraints.txt Makefile
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "fedmoe needs Python >= 3.11"'
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	if [ -n "$(TORCH_INDEX)" ]; then \
+	  $(PIP) --timeout 5 --retries 0 --index-url $(TORCH_INDEX) $(TORCH) || \
+	  { echo "torch: $(TORCH_INDEX) not reachable; falling back to the default index"; $(PIP) $(TORCH); }; \
+	else $(PIP) $(TORCH); fi
+	$(VPY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > $(VENV)/requirements.txt
+	$(PIP) -r $(VENV)/requirements.txt -c constraints.txt
+	touch $@
+
 data:
 	@bash scripts/get-data.sh
 
