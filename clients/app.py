@@ -192,7 +192,8 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
     active = list(range(len(counts))) if cfg.strategy == "fedavg" else select_active_experts(
         counts, cfg.num_experts, cfg.active_min_share, cfg.active_top_m)
     freeze_inactive_experts(model, active)
-    received = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    compress = cfg.update_compression != "none"
+    received = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()} if compress else {}
     torch.manual_seed(seed)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(server_round))
     if ledger is None:
@@ -210,7 +211,7 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
     personal = {key: trained.pop(key) for key in personal_keys(trained, cfg.personalize)}
     if personal:
         keep_personal(context, state_folder(msg, context, site), personal)
-    if cfg.update_compression != "none":
+    if compress:
         trained = compress_update(context, trained, received, cfg.update_compression)
     return wire.encode_train_reply(trained, site, len(targets), active, counts, loss, ledger)
 

@@ -34,11 +34,16 @@ def app_root() -> Path:
     return _INSTALLED_APP if (_INSTALLED_APP / "pyproject.toml").is_file() else Path(__file__).resolve().parent.parent
 
 
-def app_module(name: str) -> ModuleType:
-    """Import ``experiments.launch`` and the like from the Flower app, wherever it lives."""
+def put_app_on_path() -> None:
+    """Make the Flower app's modules (and modules beside its pyproject.toml) importable here."""
     root = str(app_root())
     if root not in sys.path:
         sys.path.insert(0, root)
+
+
+def app_module(name: str) -> ModuleType:
+    """Import ``experiments.launch`` and the like from the Flower app, wherever it lives."""
+    put_app_on_path()
     return importlib.import_module(name)
 
 

@@ -338,12 +338,9 @@ def launch_config(config: Mapping[str, Any]) -> dict[str, Any]:
 def _importable(module: str) -> bool:
     """Whether the apps can import ``module`` (from the Flower app folder or the environment),
     found without running it."""
-    import sys
+    from .api import put_app_on_path
 
-    from .api import app_root
-
-    if str(app_root()) not in sys.path:
-        sys.path.insert(0, str(app_root()))
+    put_app_on_path()
     try:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
