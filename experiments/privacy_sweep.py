@@ -1,6 +1,6 @@
 """Privacy-budget sweep: accuracy against epsilon on the multi-domain split.
 
-    python -m experiments.privacy_sweep --preset smoke|full --out DIR [--target simulation|CONNECTION]
+    python -m experiments.privacy_sweep --preset smoke|full|recipe --out DIR [--target simulation|CONNECTION]
 
 Runs the fedmoe app (through experiments.launch) once per (target epsilon, seed) with dp=true,
 plus a dp=false reference per seed, and writes
@@ -8,12 +8,12 @@ plus a dp=false reference per seed, and writes
   DIR/sweep.png   final accuracy against epsilon (mean and min-max over seeds), no-DP reference line
   DIR/sweep.md    the table
 target_epsilon "inf" means clipping without noise; achieved_epsilon is the largest epsilon any
-site reported at the end of the run (from its RDP ledger).
+site reported at the end of the run (from its RDP ledger). Runs already in DIR/sweep.csv are not
+run again, so an interrupted sweep continues where it stopped.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import shutil
 import sys
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .launch import Target, exit_on_sigterm, run_app
-from .reporting import chosen_preset, driver_parser, markdown_table, progress, save_axes
+from .reporting import chosen_preset, driver_parser, markdown_table, progress, read_rows, save_axes, write_rows
 
 PRESETS = {
     "smoke": {
@@ -39,6 +39,13 @@ PRESETS = {
         "sites": 3,
         "config": {"num-server-rounds": 5, "max-examples-per-site": 6000, "partitioning": "domain",
                    "batch-size": 64, "learning-rate": 0.002},
+    },
+    # the default job as it is (all data, 10 rounds, the tuned DP recipe of BENCHMARKS.md)
+    "recipe": {
+        "epsilons": [0.5, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0, math.inf],
+        "seeds": [0, 1, 2],
+        "sites": 3,
+        "config": {},
     },
 }
 
@@ -83,31 +90,33 @@ def run_sweep(preset: dict[str, Any], out: Path, target: Target = Target()) -> l
     out.mkdir(parents=True, exist_ok=True)
     points = [SweepPoint(None, s) for s in preset["seeds"]]
     points += [SweepPoint(e, s) for e in preset["epsilons"] for s in preset["seeds"]]
-    rows: list[dict[str, Any]] = []
+    rows = [typed_row(row) for row in read_rows(out / "sweep.csv")]
+    done = {row["run"] for row in rows}
     started = time.time()
     for i, point in enumerate(points):
         progress(i, len(points), started, f"{point.label} seed={point.seed}")
+        run = f"{point.label}-seed{point.seed}"
+        if run in done:
+            continue
         overrides = {**preset["config"], "seed": point.seed, "dp": point.target_epsilon is not None}
         if point.target_epsilon is not None:
             overrides["target-epsilon"] = point.target_epsilon
-        run = f"{point.label}-seed{point.seed}"
-        shutil.rmtree(out / "runs" / run, ignore_errors=True)  # a rerun into the same DIR replaces its runs
+        shutil.rmtree(out / "runs" / run, ignore_errors=True)  # a half-finished run is started again
         t0 = time.time()
         summary = run_app(overrides, sites=preset["sites"], target=target, results_dir=out / "runs",
                           run_name=run, quiet=True)
         rows.append(row_from_summary(point, summary, time.time() - t0, run))
-        write_csv(rows, out / "sweep.csv")
+        write_rows(rows, COLUMNS, out / "sweep.csv")
     progress(len(points), len(points), started, "done")
     (out / "sweep.md").write_text(markdown_table(rows, COLUMNS[:-1]) + "\n")
     plot(rows, out / "sweep.png")
     return rows
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+def typed_row(row: dict[str, str]) -> dict[str, Any]:
+    """A sweep.csv row as row_from_summary made it (the CSV holds strings)."""
+    return {**row, "seed": int(row["seed"]), "dp": row["dp"] == "True", "final_accuracy": float(row["final_accuracy"]),
+            "rounds": int(row["rounds"]), "wall_seconds": float(row["wall_seconds"])}
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -103,3 +104,18 @@ def save_json(result: dict[str, Any], out: Path | None, name: str) -> None:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """A driver's CSV of finished runs (strings), so an interrupted driver can skip them."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)

@@ -126,3 +126,28 @@ def test_only_dp_methods_run_with_the_dp_recipe(tmp_path, monkeypatch):
     personal_dp = submitted["expert_matched_personal_dp"]
     assert personal_dp["batch-size"] == 64 and personal_dp["learning-rate"] == 0.002
     assert personal_dp["dp"] is True and personal_dp["personalize"] == "head" and personal_dp["dp-site-evaluation"]
+
+
+def test_an_interrupted_sweep_runs_only_what_is_missing_and_keeps_the_rest(tmp_path, monkeypatch):
+    import experiments.privacy_sweep as sweep
+
+    ran = []
+
+    def fake_run_app(overrides, **kwargs):
+        ran.append(kwargs["run_name"])
+        final = {"no-dp-seed0": 0.9, "eps=1-seed0": 0.7}[kwargs["run_name"]]
+        return {"final_accuracy": final, "rounds": [{"epsilon_max": 0.99 if overrides["dp"] else None,
+                                                     "uplink_bytes": 5, "downlink_bytes": 7}]}
+
+    monkeypatch.setattr(sweep, "run_app", fake_run_app)
+    monkeypatch.setattr(sweep, "plot", lambda rows, path: None)
+    preset = {"epsilons": [1.0], "seeds": [0], "sites": 2, "config": {}}
+    (tmp_path / "sweep.csv").parent.mkdir(exist_ok=True)
+    (tmp_path / "sweep.csv").write_text(
+        "target_epsilon,seed,dp,achieved_epsilon,final_accuracy,uplink_bytes_total,downlink_bytes_total,rounds,"
+        "wall_seconds,run\n,0,False,,0.9,5,7,1,3.5,no-dp-seed0\n")
+    rows = sweep.run_sweep(preset, tmp_path)
+    assert ran == ["eps=1-seed0"]
+    assert [(r["run"], r["dp"], r["final_accuracy"]) for r in rows] == [("no-dp-seed0", False, 0.9),
+                                                                        ("eps=1-seed0", True, 0.7)]
+    assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 3
