@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .model import MoEBlockConfig, MoELayer, PositionEmbedding
+from .text import VOCAB_SIZE
 
-VOCAB = 256  # bytes
 
 
 @dataclass
@@ -72,12 +72,12 @@ class CharMoETransformer(nn.Module):
     def __init__(self, config: CharLMConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(VOCAB, config.d_model)
+        self.embed = nn.Embedding(VOCAB_SIZE, config.d_model)
         self.position = PositionEmbedding(config.seq_len, config.d_model)
         self.attn_layers = nn.ModuleList(CausalSelfAttention(config) for _ in range(config.num_moe_layers))
         self.moe_layers = nn.ModuleList(MoELayer(config) for _ in range(config.num_moe_layers))
         self.norm = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, VOCAB)
+        self.head = nn.Linear(config.d_model, VOCAB_SIZE)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [N, T] (long) -> (next-byte logits [N, T, 256], weighted aux loss [N])."""

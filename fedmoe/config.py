@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .aggregation import RobustRules
+from .hf_families import FAMILIES, model_path_problems
 from .server_optimizers import SERVER_OPTIMIZERS
 
 if TYPE_CHECKING:  # torch stays unimported until a model is built: a bad config fails in well under a second
@@ -29,9 +30,9 @@ class ConfigError(ValueError):
 
 
 def _task_name(value: str) -> str | None:
-    if value in ("fmnist", "images", "charlm") or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+    if value in ("fmnist", "images", "charlm", "hf-moe") or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
         return None
-    return "must be fmnist, images, charlm or module:Class (a fedmoe.tasks.Task)"
+    return "must be fmnist, images, charlm, hf-moe or module:Class (a fedmoe.tasks.Task)"
 
 
 def _choice_int(*options: int):
@@ -148,7 +149,8 @@ class RunConfig:
     seed: int = _key(0, _at_least(0), "seed for model init, data split and training")
     # Workload (fedmoe.tasks)
     task: str = _key("fmnist", _task_name, "fmnist: Fashion-MNIST classifier; images: your own images at data-path; "
-                     "charlm: byte-level MoE language model, one language per site; module:Class: your own fedmoe.tasks.Task")
+                     "charlm: byte-level MoE language model, one language per site; hf-moe: a Hugging Face transformers MoE "
+                     "language model on the same text; module:Class: your own fedmoe.tasks.Task")
     # Data
     data_source: str = _key("auto", _choice("auto", "debian", "hub"), "where Fashion-MNIST comes from")
     partitioning: str = _key("domain", _choice("iid", "dirichlet", "domain", "column"),
@@ -166,13 +168,17 @@ class RunConfig:
     languages: str = _key("en,de,it,es,ru,pl,cs,pt", _language_list, "charlm: Debian fortunes languages, site i gets the i-th (cycling)")
     languages_per_site: int = _key(1, _at_least(1), "charlm: languages each site holds")
     text_dir: str = _key("", None, "charlm: your own corpus instead of fortunes, one sub-folder of .txt files per site")
-    seq_len: int = _key(64, _at_least(2), "charlm: bytes per training sequence")
+    seq_len: int = _key(64, _at_least(2), "charlm, hf-moe: bytes per training sequence")
     # Model
     d_model: int = _key(64, _at_least(1), "token width")
     head: str = _key("linear", _choice("linear", "fixed-etf"), "fmnist classifier head: linear (learned) or fixed-etf (fixed simplex-ETF class vectors, never trained or sent)")
     patch_size: int = _key(7, _at_least(1), "image patch side; tokens = (28 / patch-size)^2")
     num_moe_layers: int = _key(1, _at_least(1), "MoE blocks (charlm: transformer layers, each attention + MoE)")
-    num_heads: int = _key(4, _at_least(1), "charlm: attention heads")
+    num_heads: int = _key(4, _at_least(1), "charlm, hf-moe: attention heads")
+    hf_model: str = _key("mixtral", _choice(*FAMILIES), "hf-moe: the transformers MoE family of a model built from "
+                         "fedmoe's size keys (d-model, num-moe-layers, num-heads, num-experts, top-k, expert-hidden)")
+    model_path: str = _key("", None, "hf-moe: a save_pretrained folder of a supported family to start from instead "
+                           "(its config.json must agree with num-experts, top-k and num-moe-layers)")
     num_experts: int = _key(8, _at_least(1), "experts per MoE layer")
     top_k: int = _key(2, _at_least(1), "experts per token")
     expert_hidden: int = _key(128, _at_least(1), "hidden width of each expert MLP")
@@ -220,12 +226,12 @@ class RunConfig:
             problems.append(f"run config 'top-k': must be <= num-experts ({self.num_experts}), got {self.top_k}")
         if self.active_top_m > self.num_experts:
             problems.append(f"run config 'active-top-m': must be <= num-experts ({self.num_experts}), got {self.active_top_m}")
-        if self.task == "charlm" and self.num_heads > 0 and self.d_model % self.num_heads:
+        if self.task in ("charlm", "hf-moe") and self.num_heads > 0 and self.d_model % self.num_heads:
             problems.append(f"run config 'num-heads': must divide d-model ({self.d_model}), got {self.num_heads}")
         if self.attack_expert >= self.num_moe_layers * self.num_experts:
             problems.append(f"run config 'attack-expert': must be < num-moe-layers x num-experts "
                             f"({self.num_moe_layers * self.num_experts}), got {self.attack_expert}")
-        if self.task == "charlm" and self.attack == "backdoor":
+        if self.task in ("charlm", "hf-moe") and self.attack == "backdoor":
             problems.append("run config 'attack': the backdoor trigger is an image patch (task=fmnist), got 'backdoor'")
         if self.patch_size > 0 and self.image_size > 0 and self.image_size % self.patch_size:
             problems.append(f"run config 'patch-size': must divide image-size ({self.image_size}), got {self.patch_size}")
@@ -307,9 +313,9 @@ def launch_config(config: Mapping[str, Any]) -> dict[str, Any]:
     the run reads on this machine (text-dir, made absolute: the apps run in another working
     directory). Raises ConfigError, one line per problem, before Flower, Ray or torch start."""
     config = dict(config)
-    problems = []
+    problems, cfg = [], None
     try:
-        RunConfig.from_run_config(config)
+        cfg = RunConfig.from_run_config(config)
     except ConfigError as exc:
         problems.extend(str(exc).splitlines())
     for key in ("text-dir", "data-path"):
@@ -327,6 +333,10 @@ def launch_config(config: Mapping[str, Any]) -> dict[str, Any]:
         except ValueError as exc:
             problems.append(str(exc))
     task = str(config.get("task", ""))
+    path = cfg.model_path if cfg and cfg.task == "hf-moe" else ""
+    if path and (Path(path).expanduser().exists() or path.startswith((".", "/", "~"))):  # else a hub model id
+        config["model-path"] = str(Path(path).expanduser().resolve())
+        problems += model_path_problems(config["model-path"], cfg.num_experts, cfg.top_k, cfg.num_moe_layers, cfg.seq_len)
     if ":" in task and not _importable(task.partition(":")[0]):
         problems.append(f"run config 'task': no module {task.partition(':')[0]!r} to import (put it beside "
                         f"pyproject.toml, or install it), got {task!r}")

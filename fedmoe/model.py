@@ -137,10 +137,7 @@ class MoELayer(nn.Module):
 
     Router: logits = W h (no bias); while training, Gaussian noise of std ``router_noise`` is
     added before the top-k choice; the gate weights are softmax over the k chosen logits, so
-    they sum to 1 per token. Auxiliary losses per sample n (E experts, S tokens):
-      load balance  E * sum_e f_ne * P_ne, f_ne = share of n's token-slots sent to e,
-                    P_ne = mean router probability of e over n's tokens;
-      z-loss        mean_s logsumexp(logits_ns)^2.
+    they sum to 1 per token. Auxiliary losses per sample: ``router_losses``.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -172,16 +169,26 @@ class MoELayer(nn.Module):
         slots = h.unsqueeze(2).expand(n, s, self.top_k, d).reshape(n, s * self.top_k, d)
         expert_out = self.experts(slots, top_index.reshape(n, s * self.top_k))
         y = x + (gates.unsqueeze(-1) * expert_out.view(n, s, self.top_k, d)).sum(dim=2)
-
-        dispatch = F.one_hot(top_index, self.num_experts).to(x.dtype).sum(dim=2)  # [N, S, E]
-        per_sample_counts = dispatch.sum(dim=1)  # [N, E]
-        share = per_sample_counts / (s * self.top_k)
-        mean_prob = torch.softmax(logits, dim=-1).mean(dim=1)
-        balance_loss = self.num_experts * (share * mean_prob).sum(dim=-1)
-        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean(dim=1)
-        counts = per_sample_counts.detach()
-        self.last_routing = RoutingStats(expert_counts=counts.sum(dim=0), per_sample=counts)
+        balance_loss, z_loss, self.last_routing = router_losses(logits, top_index)
         return y, balance_loss, z_loss
+
+
+def router_losses(logits: torch.Tensor, top_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingStats]:
+    """Per-sample router losses and routing counts of one MoE layer, from router logits [N, S, E]
+    and the chosen experts [N, S, k]:
+      load balance  E * sum_e f_ne * P_ne, f_ne = share of n's token-slots sent to e,
+                    P_ne = mean router probability of e over n's tokens;
+      z-loss        mean_s logsumexp(logits_ns)^2.
+    Returns (load balance [N], z-loss [N], RoutingStats)."""
+    n, s, num_experts = logits.shape
+    dispatch = F.one_hot(top_index, num_experts).to(logits.dtype).sum(dim=2)  # [N, S, E]
+    per_sample_counts = dispatch.sum(dim=1)  # [N, E]
+    share = per_sample_counts / (s * top_index.shape[-1])
+    mean_prob = torch.softmax(logits, dim=-1).mean(dim=1)
+    balance_loss = num_experts * (share * mean_prob).sum(dim=-1)
+    z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean(dim=1)
+    counts = per_sample_counts.detach()
+    return balance_loss, z_loss, RoutingStats(expert_counts=counts.sum(dim=0), per_sample=counts)
 
 
 def simplex_etf(dim: int, num_classes: int) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Personal parts: tensors a site keeps and trains for itself and never sends (run config
 ``personalize``, a comma-separated list of parts, or ``none``).
 
-  head     the output head (``head.*``): the site's own classifier (or next-byte predictor) on the
-           shared representation, as in FedPer / FedRep
-  router   every MoE layer's router (``*.router.*``): the site's own gating over the shared
-           experts, as pFedMoE's personal gate
+  head     the output head (``head.*``; hf-moe: ``hf.lm_head.*``): the site's own classifier (or
+           next-token predictor) on the shared representation, as in FedPer / FedRep
+  router   every MoE layer's router (``*.router.*``; hf-moe: ``moe_layers.{l}.gate.*``): the
+           site's own gating over the shared experts, as pFedMoE's personal gate
 
 A site trains its personal parts in the same optimiser steps as everything else, so under DP they
 are clipped and noised with the rest: the site's whole state stays an output of the accounted
@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-PARTS = {"head": re.compile(r"^head\."), "router": re.compile(r"(^|\.)router\.")}
+PARTS = {"head": re.compile(r"^(hf\.lm_head|head)\."), "router": re.compile(r"(^|\.)router\.|^moe_layers\.\d+\.gate\.")}
 
 
 def parse_parts(personalize: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Opacus glue: per-sample gradients and norms of the expert bank, the privacy ledger, noise planning.
+"""Opacus glue: per-sample gradients and norms of the expert banks, the privacy ledger, noise planning.
 
 Accounting is Opacus' RDP accountant (``opacus.accountants.RDPAccountant``). A site's ledger is
 one accountant history for the whole run: entries (noise multiplier, sample rate, steps) for its
@@ -27,6 +27,7 @@ from opacus.accountants import RDPAccountant
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch.utils.data import DataLoader, Dataset
 
+from .hf_moe import SwiGLUExpertBank
 from .model import ExpertBank, PositionEmbedding
 from .results import atomic_write_json
 
@@ -51,17 +52,34 @@ def _expert_terms(bank: ExpertBank, x: torch.Tensor, index: torch.Tensor, backpr
     return x, hidden, g_out, g_pre
 
 
-def _trainable_experts(bank: ExpertBank) -> list[int]:
+def _swiglu_expert_terms(bank: SwiGLUExpertBank, x: torch.Tensor, index: torch.Tensor, backprops: torch.Tensor, e: int):
+    """For expert e of a SwiGLU bank: (input x [N,T,H], hidden activation silu(gate)*up [N,T,I],
+    output grad [N,T,H], grad of the gate|up pre-activation [N,T,2I]); zero on slots not routed to e."""
+    gate_up, down = bank.expert_params(e)
+    routed = index == e
+    g_out = backprops * routed.unsqueeze(-1).to(backprops.dtype)
+    gate, up = (x[routed] @ gate_up.T).chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    hidden = x.new_zeros(*index.shape, bank.intermediate)
+    hidden[routed] = silu * up
+    g_hidden = backprops[routed] @ down
+    g_pre = x.new_zeros(*index.shape, 2 * bank.intermediate)
+    g_pre[routed] = torch.cat([g_hidden * up * sig * (1 + gate * (1 - sig)), g_hidden * silu], dim=-1)
+    return x, hidden, g_out, g_pre
+
+
+def _trainable_experts(bank) -> list[int]:
     return [e for e in range(bank.num_experts) if any(p.requires_grad for p in bank.expert_params(e))]
 
 
-def _per_trainable_parameter(bank: ExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor, reduce):
-    """{param: value} for every trainable expert parameter, where ``reduce(x, hidden, g_out, g_pre)``
-    gives the values for (w_in, b_in, w_out, b_out) of one expert."""
+def _per_trainable_parameter(bank, activations: list[torch.Tensor], backprops: torch.Tensor, terms, reduce):
+    """{param: value} for every trainable expert parameter, where ``terms`` gives one expert's
+    (x, hidden, g_out, g_pre) and ``reduce`` maps them to the values of that expert's parameters."""
     x, index = activations[0].to(backprops.dtype), activations[1]
     ret = {}
     for e in _trainable_experts(bank):
-        values = reduce(*_expert_terms(bank, x, index, backprops, e))
+        values = reduce(*terms(bank, x, index, backprops, e))
         ret.update({p: v for p, v in zip(bank.expert_params(e), values, strict=True) if p.requires_grad})
     return ret
 
@@ -71,7 +89,7 @@ def compute_expert_bank_grad_sample(
     bank: ExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample grads: x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N, *param.shape]}."""
-    return _per_trainable_parameter(bank, activations, backprops, lambda x, hidden, g_out, g_pre: (
+    return _per_trainable_parameter(bank, activations, backprops, _expert_terms, lambda x, hidden, g_out, g_pre: (
         torch.einsum("ntd,nth->ndh", x, g_pre), g_pre.sum(dim=1),
         torch.einsum("nth,ntd->nhd", hidden, g_out), g_out.sum(dim=1),
     ))
@@ -94,9 +112,29 @@ def compute_expert_bank_norm_sample(
     bank: ExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample grad norms (ghost clipping): x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N]}."""
-    return _per_trainable_parameter(bank, activations, backprops, lambda x, hidden, g_out, g_pre: (
+    return _per_trainable_parameter(bank, activations, backprops, _expert_terms, lambda x, hidden, g_out, g_pre: (
         _outer_sum_norm(x, g_pre), g_pre.sum(dim=1).norm(dim=-1),
         _outer_sum_norm(hidden, g_out), g_out.sum(dim=1).norm(dim=-1),
+    ))
+
+
+@register_grad_sampler(SwiGLUExpertBank)
+def compute_swiglu_bank_grad_sample(
+    bank: SwiGLUExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Per-sample grads: x [N,T,H], index [N,T], backprops [N,T,H] -> {gate_up_e: [N,2I,H], down_e: [N,H,I]}."""
+    return _per_trainable_parameter(bank, activations, backprops, _swiglu_expert_terms, lambda x, hidden, g_out, g_pre: (
+        torch.einsum("ntp,nth->nph", g_pre, x), torch.einsum("nth,nti->nhi", g_out, hidden),
+    ))
+
+
+@register_norm_sampler(SwiGLUExpertBank)
+def compute_swiglu_bank_norm_sample(
+    bank: SwiGLUExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Per-sample grad norms (ghost clipping): x [N,T,H], index [N,T], backprops [N,T,H] -> {param: [N]}."""
+    return _per_trainable_parameter(bank, activations, backprops, _swiglu_expert_terms, lambda x, hidden, g_out, g_pre: (
+        _outer_sum_norm(x, g_pre), _outer_sum_norm(hidden, g_out),
     ))
 
 

@@ -10,6 +10,8 @@ character. Built in:
            classifier sized to them (fedmoe.own_images)
   charlm   UTF-8 text, byte-level MoE transformer (fedmoe.charlm), one language (or
            languages-per-site languages) per site (fedmoe.text)
+  hf-moe   the same text, a Hugging Face transformers MoE model (hf-model family built from the
+           size keys, or model-path; fedmoe.hf_moe), exported with save_pretrained at the end
 
 Your own task: ``task="module:ClassName"``, a ``Task`` subclass in a module the apps can import
 (a file beside pyproject.toml travels with the app; README "Bring your own model").
@@ -29,11 +31,13 @@ from __future__ import annotations
 
 import importlib
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import RunConfig
+from .text import VOCAB_SIZE
 
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -64,6 +68,10 @@ class Task:
         """Factor from the loss (nats per target) to bits per character of the site's held-out
         text (None: the server's), or None when the task is not text."""
         return None
+
+    def export(self, cfg: RunConfig, model: nn.Module, run_dir: Path) -> None:
+        """Write the final global model in the task's own format into the run folder, beside
+        fedmoe's checkpoint (nothing by default)."""
 
 
 class FashionMNISTTask(Task):
@@ -151,7 +159,26 @@ class CharLMTask(Task):
         return bytes_per_character(splits) / math.log(2)
 
 
-BUILT_IN: dict[str, type[Task]] = {"fmnist": FashionMNISTTask, "images": OwnImagesTask, "charlm": CharLMTask}
+class HFMoETask(CharLMTask):
+    """charlm's data and metrics (byte tokens: no tokenizer to fetch), a transformers MoE model."""
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        from . import hf_moe
+
+        if cfg.model_path:
+            return hf_moe.load(cfg.model_path, cfg.seq_len, cfg.aux_loss_weight, cfg.z_loss_weight)
+        hf_config = hf_moe.hf_config_for(cfg.hf_model, VOCAB_SIZE, cfg.d_model, cfg.num_moe_layers, cfg.num_heads,
+                                         cfg.num_experts, cfg.top_k, cfg.expert_hidden, cfg.seq_len)
+        return hf_moe.build(cfg.hf_model, hf_config, cfg.seq_len, cfg.aux_loss_weight, cfg.z_loss_weight)
+
+    def export(self, cfg: RunConfig, model: nn.Module, run_dir: Path) -> None:
+        """run_dir/hf_model: ``AutoModelForCausalLM.from_pretrained`` loads it (tokens are bytes)."""
+        model.save_pretrained(run_dir / HF_MODEL_DIR)
+
+
+HF_MODEL_DIR = "hf_model"
+BUILT_IN: dict[str, type[Task]] = {"fmnist": FashionMNISTTask, "images": OwnImagesTask, "charlm": CharLMTask,
+                                   "hf-moe": HFMoETask}
 
 
 @lru_cache(maxsize=8)
@@ -187,6 +214,10 @@ def site_label(cfg: RunConfig, site: int) -> str:
 
 def bits_per_nat(cfg: RunConfig, site: int | None = None) -> float | None:
     return task_of(cfg.task).bits_per_nat(cfg, site)
+
+
+def export(cfg: RunConfig, model: nn.Module, run_dir: Path) -> None:
+    task_of(cfg.task).export(cfg, model, run_dir)
 
 
 # charlm helpers

@@ -21,6 +21,7 @@ import numpy as np
 if TYPE_CHECKING:  # imported where windows are cut: the run config reads LANGUAGE_PACKAGES and must load fast
     import torch
 
+VOCAB_SIZE = 256  # tokens are bytes
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 DPKG_INFO = Path("/var/lib/dpkg/info")
 LANGUAGE_PACKAGES = {

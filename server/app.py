@@ -125,6 +125,7 @@ def main(grid: Grid, context: Context) -> None:
         path = recorder.finish(status, rounds_without_updates=idle, **({"failure": failure} if failure else {}))
         if failure:  # raised so that Flower, too, lists the run as failed
             raise RuntimeError(f"fedmoe: run failed: {failure}")
+        tasks.export(cfg, model, recorder.run_dir)  # the model holds the last round's global state
         write_utilisation_heat_map(cfg, recorder)
         plot_learning_curve(rounds, recorder.run_dir / "learning_curve.png",
                             f"{recorder.run_dir.name}: {cfg.task}, {cfg.strategy}, {'DP' if cfg.dp else 'no DP'}")
