@@ -1,7 +1,7 @@
 """Benchmark: expert-matched federation against FedAvg, a dense model, isolated sites and pooled
 data, on the same split, seed and number of rounds.
 
-    python -m experiments.benchmark --preset smoke|full|low-data|charlm-smoke|charlm-full --out DIR
+    python -m experiments.benchmark --preset smoke|full|low-data|charlm-smoke|charlm-full|hf-smoke --out DIR
                                     [--target simulation|CONNECTION] [--seeds 0,1,2]
                                     [--methods expert_matched,fedavg_full_moe,...]
 
@@ -69,6 +69,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "methods": ("expert_matched", "fedavg_full_moe", "local_only", "centralized", "expert_matched_dp"),
         "config": {"task": "charlm", "num-moe-layers": 2, "seq-len": 64, "num-server-rounds": 10,
                    "max-examples-per-site": 6000, "batch-size": 32, "learning-rate": 0.002, "seed": 0},
+    },
+    # a Hugging Face transformers MoE (Qwen2-MoE family: routed experts beside a shared expert) on the
+    # charlm-smoke text, built small from fedmoe's size keys (fedmoe.hf_moe)
+    "hf-smoke": {
+        "sites": 4,
+        "methods": ("expert_matched", "expert_matched_dp", "fedavg_full_moe", "local_only"),
+        "config": {"task": "hf-moe", "hf-model": "qwen2-moe", "languages": "en,de,ru,pl", "num-moe-layers": 2,
+                   "d-model": 32, "num-heads": 4, "num-experts": 4, "top-k": 2, "expert-hidden": 64, "seq-len": 64,
+                   "num-server-rounds": 4, "max-examples-per-site": 1500, "batch-size": 32, "learning-rate": 0.002,
+                   "seed": 0},
     },
     # few examples per site (240 to train, 60 to test), three sites per domain: where a site alone
     # has too little data and federation has to pay off
@@ -172,7 +182,7 @@ def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[st
         curves.append(curve)
     per_site = {str(i): evaluate(models["all" if method == "centralized" else str(i)], d[2], d[3]) for i, d in enumerate(data)}
     loss_per_round, accuracy_per_round = np.mean(curves, axis=0).T.tolist()  # local_only: mean over the sites' models
-    if cfg.task == "charlm":  # the raw text: every window's bytes
+    if tasks.bits_per_nat(cfg) is not None:  # text: every window's bytes
         raw_bytes = sum(int(d[0].numel()) + len(d[0]) for d in data)
     else:  # uint8 pixels and one byte per label
         raw_bytes = sum(int(d[0].numel()) + int(d[1].numel()) for d in data)
