@@ -244,3 +244,36 @@ def test_hf_federated_dp_run_exports_a_model_that_from_pretrained_loads_and_gene
     assert torch.equal(state["lm_head.weight"], final["hf.lm_head.weight"])
     out = loaded.generate(torch.tensor([list(b"The ")]), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 9)
+
+
+def test_hf_dense_layers_stay_stock_and_count_as_no_moe_layer(tmp_path):
+    """Qwen2-MoE with layer 0 dense (mlp_only_layers): one sparse block, mapped to decoder layer 1,
+    and the launcher asks for num-moe-layers=1."""
+    torch.manual_seed(0)
+    config = hf_moe.hf_config_for("qwen2-moe", 256, 16, 2, 2, 4, 2, 12, SEQ)
+    config.mlp_only_layers = [0]
+    stock = transformers.Qwen2MoeForCausalLM(config).eval()
+    model = wrapped(stock).eval()
+    assert model.sparse_layer_index == [1] and model.config.num_moe_layers == 1 and model.config.total_experts == 4
+    tokens = torch.randint(0, 256, (2, SEQ))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens)[0], stock(input_ids=tokens).logits, rtol=0, atol=1e-6)
+    stock.save_pretrained(tmp_path / "m")
+    with pytest.raises(ConfigError, match="'num-moe-layers': the model at model-path has 1; set num-moe-layers=1, got 2"):
+        launch_config({"task": "hf-moe", "model-path": str(tmp_path / "m"), "num-experts": 4, "num-moe-layers": 2,
+                       "seq-len": SEQ})
+
+
+def test_hf_task_starts_from_a_model_folder(tmp_path):
+    from fedmoe import tasks
+    from fedmoe.config import RunConfig
+
+    stock = stock_model("olmoe")
+    stock.save_pretrained(tmp_path / "m")
+    cfg = RunConfig.from_run_config({"task": "hf-moe", "model-path": str(tmp_path / "m"), "num-experts": 4,
+                                     "num-moe-layers": 2, "seq-len": SEQ})
+    model = tasks.build_model(cfg).eval()
+    assert model.config.family == "olmoe" and model.config.num_tokens == SEQ
+    tokens = torch.randint(0, 256, (2, SEQ))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens)[0], stock(input_ids=tokens).logits, rtol=0, atol=1e-6)
