@@ -179,6 +179,10 @@ class RunConfig:
                          "fedmoe's size keys (d-model, num-moe-layers, num-heads, num-experts, top-k, expert-hidden)")
     model_path: str = _key("", None, "hf-moe: a save_pretrained folder of a supported family to start from instead "
                            "(its config.json must agree with num-experts, top-k and num-moe-layers)")
+    adapter: str = _key("none", _choice("none", "lora"), "hf-moe: lora trains LoRA adapters (peft on every linear "
+                        "projection, one per expert in the expert bank) and the routers instead of the whole model")
+    lora_rank: int = _key(8, _at_least(1), "adapter=lora: rank r of every adapter")
+    lora_alpha: float = _key(16.0, _positive, "adapter=lora: adapters are scaled by lora-alpha / lora-rank")
     num_experts: int = _key(8, _at_least(1), "experts per MoE layer")
     top_k: int = _key(2, _at_least(1), "experts per token")
     expert_hidden: int = _key(128, _at_least(1), "hidden width of each expert MLP")
@@ -231,6 +235,8 @@ class RunConfig:
         if self.attack_expert >= self.num_moe_layers * self.num_experts:
             problems.append(f"run config 'attack-expert': must be < num-moe-layers x num-experts "
                             f"({self.num_moe_layers * self.num_experts}), got {self.attack_expert}")
+        if self.adapter != "none" and self.task != "hf-moe":
+            problems.append(f"run config 'adapter': adapters are for task=hf-moe, got adapter={self.adapter!r} with task={self.task!r}")
         if self.task in ("charlm", "hf-moe") and self.attack == "backdoor":
             problems.append("run config 'attack': the backdoor trigger is an image patch (task=fmnist), got 'backdoor'")
         if self.patch_size > 0 and self.image_size > 0 and self.image_size % self.patch_size:

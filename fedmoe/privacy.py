@@ -35,12 +35,16 @@ ACCOUNTANT = "rdp"
 MAX_SIGMA = 1e4
 
 
-# --- per-sample gradients of the expert bank -----------------------------------------------------
+# --- per-sample gradients of the expert banks ----------------------------------------------------
+#
+# Every expert tensor's per-sample gradient is an outer-product sum over the sample's token slots,
+# sum_t g_t a_t^T (a: what the tensor multiplies, g: the gradient of what it produces). Each bank
+# gives, per expert, one factor pair (a [N,T,p], g [N,T,q]) per tensor of ``expert_params(e)``;
+# the grad sampler forms the sums, the norm sampler (ghost clipping) only their norms.
 
-def _expert_terms(bank: ExpertBank, x: torch.Tensor, index: torch.Tensor, backprops: torch.Tensor, e: int):
-    """For expert e: (input x [N,T,d], hidden activation [N,T,h], output grad [N,T,d], hidden
-    pre-activation grad [N,T,h]); hidden and grads are zero on token slots not routed to e, and
-    the hidden layer is computed on the routed slots only, as the forward did."""
+def _gelu_expert_factors(bank: ExpertBank, x: torch.Tensor, index: torch.Tensor, backprops: torch.Tensor, e: int):
+    """(a, g) for w_in [d,h], b_in [h], w_out [h,d], b_out [d] of expert e; zero on token slots
+    not routed to e, the hidden layer computed on the routed slots only, as the forward did."""
     w_in, b_in, w_out, _ = bank.expert_params(e)
     routed = index == e
     g_out = backprops * routed.unsqueeze(-1).to(backprops.dtype)
@@ -49,13 +53,15 @@ def _expert_terms(bank: ExpertBank, x: torch.Tensor, index: torch.Tensor, backpr
     hidden[routed] = torch.nn.functional.gelu(pre)
     g_pre = torch.zeros_like(hidden)
     g_pre[routed] = torch.ops.aten.gelu_backward(backprops[routed] @ w_out.T, pre)
-    return x, hidden, g_out, g_pre
+    ones = x.new_ones(*index.shape, 1)  # a bias multiplies 1
+    return [(g_pre, x), (ones, g_pre), (g_out, hidden), (ones, g_out)]
 
 
-def _swiglu_expert_terms(bank: SwiGLUExpertBank, x: torch.Tensor, index: torch.Tensor, backprops: torch.Tensor, e: int):
-    """For expert e of a SwiGLU bank: (input x [N,T,H], hidden activation silu(gate)*up [N,T,I],
-    output grad [N,T,H], grad of the gate|up pre-activation [N,T,2I]); zero on slots not routed to e."""
-    gate_up, down = bank.expert_params(e)
+def _swiglu_expert_factors(bank: SwiGLUExpertBank, x: torch.Tensor, index: torch.Tensor, backprops: torch.Tensor, e: int):
+    """(a, g) for gate_up [2I,H] and down [H,I] of expert e, or with LoRA (W = W0 + s B A on input a
+    with output gradient g: dA = sum (s g B) a^T, dB = sum g (s A a)^T) for its four factors; zero
+    on token slots not routed to e."""
+    gate_up, down = bank.weights(e)
     routed = index == e
     g_out = backprops * routed.unsqueeze(-1).to(backprops.dtype)
     gate, up = (x[routed] @ gate_up.T).chunk(2, dim=-1)
@@ -64,35 +70,30 @@ def _swiglu_expert_terms(bank: SwiGLUExpertBank, x: torch.Tensor, index: torch.T
     hidden = x.new_zeros(*index.shape, bank.intermediate)
     hidden[routed] = silu * up
     g_hidden = backprops[routed] @ down
-    g_pre = x.new_zeros(*index.shape, 2 * bank.intermediate)
+    g_pre = x.new_zeros(*index.shape, 2 * bank.intermediate)  # gradient of the gate|up pre-activation
     g_pre[routed] = torch.cat([g_hidden * up * sig * (1 + gate * (1 - sig)), g_hidden * silu], dim=-1)
-    return x, hidden, g_out, g_pre
+    if not bank.lora_rank:
+        return [(x, g_pre), (hidden, g_out)]
+    s = bank.lora_scale
+    gate_up_a, gate_up_b, down_a, down_b = bank.lora_params(e)
+    return [(x, s * g_pre @ gate_up_b), (s * x @ gate_up_a.T, g_pre),
+            (hidden, s * g_out @ down_b), (s * hidden @ down_a.T, g_out)]
 
 
-def _trainable_experts(bank) -> list[int]:
-    return [e for e in range(bank.num_experts) if any(p.requires_grad for p in bank.expert_params(e))]
+EXPERT_FACTORS = {ExpertBank: _gelu_expert_factors, SwiGLUExpertBank: _swiglu_expert_factors}
 
 
-def _per_trainable_parameter(bank, activations: list[torch.Tensor], backprops: torch.Tensor, terms, reduce):
-    """{param: value} for every trainable expert parameter, where ``terms`` gives one expert's
-    (x, hidden, g_out, g_pre) and ``reduce`` maps them to the values of that expert's parameters."""
+def _per_trainable_parameter(bank, activations: list[torch.Tensor], backprops: torch.Tensor, outer):
+    """{param: outer(a, g)} for every trainable tensor of the bank's experts."""
     x, index = activations[0].to(backprops.dtype), activations[1]
+    factors = EXPERT_FACTORS[type(bank)]
     ret = {}
-    for e in _trainable_experts(bank):
-        values = reduce(*terms(bank, x, index, backprops, e))
-        ret.update({p: v for p, v in zip(bank.expert_params(e), values, strict=True) if p.requires_grad})
+    for e in range(bank.num_experts):
+        params = bank.expert_params(e)
+        if any(p.requires_grad for p in params):
+            pairs = factors(bank, x, index, backprops, e)
+            ret.update({p: outer(a, g) for p, (a, g) in zip(params, pairs, strict=True) if p.requires_grad})
     return ret
-
-
-@register_grad_sampler(ExpertBank)
-def compute_expert_bank_grad_sample(
-    bank: ExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """Per-sample grads: x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N, *param.shape]}."""
-    return _per_trainable_parameter(bank, activations, backprops, _expert_terms, lambda x, hidden, g_out, g_pre: (
-        torch.einsum("ntd,nth->ndh", x, g_pre), g_pre.sum(dim=1),
-        torch.einsum("nth,ntd->nhd", hidden, g_out), g_out.sum(dim=1),
-    ))
 
 
 def _outer_sum_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -107,35 +108,17 @@ def _outer_sum_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return sq.clamp_min(0).sqrt()
 
 
-@register_norm_sampler(ExpertBank)
-def compute_expert_bank_norm_sample(
-    bank: ExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[torch.nn.Parameter, torch.Tensor]:
+@register_grad_sampler([ExpertBank, SwiGLUExpertBank])
+def compute_expert_bank_grad_sample(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Per-sample grads: x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N, *param.shape]}."""
+    sums = _per_trainable_parameter(bank, activations, backprops, lambda a, g: torch.einsum("ntq,ntp->nqp", g, a))
+    return {p: s.reshape(len(s), *p.shape) for p, s in sums.items()}
+
+
+@register_norm_sampler([ExpertBank, SwiGLUExpertBank])
+def compute_expert_bank_norm_sample(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample grad norms (ghost clipping): x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N]}."""
-    return _per_trainable_parameter(bank, activations, backprops, _expert_terms, lambda x, hidden, g_out, g_pre: (
-        _outer_sum_norm(x, g_pre), g_pre.sum(dim=1).norm(dim=-1),
-        _outer_sum_norm(hidden, g_out), g_out.sum(dim=1).norm(dim=-1),
-    ))
-
-
-@register_grad_sampler(SwiGLUExpertBank)
-def compute_swiglu_bank_grad_sample(
-    bank: SwiGLUExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """Per-sample grads: x [N,T,H], index [N,T], backprops [N,T,H] -> {gate_up_e: [N,2I,H], down_e: [N,H,I]}."""
-    return _per_trainable_parameter(bank, activations, backprops, _swiglu_expert_terms, lambda x, hidden, g_out, g_pre: (
-        torch.einsum("ntp,nth->nph", g_pre, x), torch.einsum("nth,nti->nhi", g_out, hidden),
-    ))
-
-
-@register_norm_sampler(SwiGLUExpertBank)
-def compute_swiglu_bank_norm_sample(
-    bank: SwiGLUExpertBank, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """Per-sample grad norms (ghost clipping): x [N,T,H], index [N,T], backprops [N,T,H] -> {param: [N]}."""
-    return _per_trainable_parameter(bank, activations, backprops, _swiglu_expert_terms, lambda x, hidden, g_out, g_pre: (
-        _outer_sum_norm(x, g_pre), _outer_sum_norm(hidden, g_out),
-    ))
+    return _per_trainable_parameter(bank, activations, backprops, _outer_sum_norm)
 
 
 @register_grad_sampler(PositionEmbedding)

@@ -165,11 +165,12 @@ class HFMoETask(CharLMTask):
     def build_model(self, cfg: RunConfig) -> nn.Module:
         from . import hf_moe
 
+        lora = (cfg.lora_rank, cfg.lora_alpha) if cfg.adapter == "lora" else (0, cfg.lora_alpha)
         if cfg.model_path:
-            return hf_moe.load(cfg.model_path, cfg.seq_len, cfg.aux_loss_weight, cfg.z_loss_weight)
+            return hf_moe.load(cfg.model_path, cfg.seq_len, cfg.aux_loss_weight, cfg.z_loss_weight, *lora)
         hf_config = hf_moe.hf_config_for(cfg.hf_model, VOCAB_SIZE, cfg.d_model, cfg.num_moe_layers, cfg.num_heads,
                                          cfg.num_experts, cfg.top_k, cfg.expert_hidden, cfg.seq_len)
-        return hf_moe.build(cfg.hf_model, hf_config, cfg.seq_len, cfg.aux_loss_weight, cfg.z_loss_weight)
+        return hf_moe.build(cfg.hf_model, hf_config, cfg.seq_len, cfg.aux_loss_weight, cfg.z_loss_weight, *lora)
 
     def export(self, cfg: RunConfig, model: nn.Module, run_dir: Path) -> None:
         """run_dir/hf_model: ``AutoModelForCausalLM.from_pretrained`` loads it (tokens are bytes)."""

@@ -16,10 +16,12 @@ from .model import MoEClassifier
 
 
 def freeze_inactive_experts(model: MoEClassifier, active: Iterable[int]) -> None:
-    """requires_grad False on every expert not in ``active`` (global ids); everything else trains."""
+    """requires_grad False on every expert not in ``active`` (global ids) and on the model's
+    ``frozen_parameters`` if it has them (hf-moe with LoRA: the base weights); everything else trains."""
     active = set(active)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    frozen = getattr(model, "frozen_parameters", frozenset())
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
     for layer_index, layer in enumerate(model.moe_layers):
         bank = layer.experts
         for e in range(bank.num_experts):

@@ -207,12 +207,14 @@ def raise_for_status(content: RecordDict) -> None:
 
 def decode_train_reply(
     content: RecordDict, global_arrays: Mapping[str, np.ndarray], num_experts: int, max_update_norm: float = 0.0,
-    personal: frozenset[str] = frozenset(), compression: str = "none",
+    personal: frozenset[str] = frozenset(), compression: str = "none", frozen: frozenset[str] = frozenset(),
 ) -> TrainReply:
     """Parse and validate a train reply against the current global model; raise InvalidReply
     (or BudgetExhausted / ModelCacheMiss for a site that did not train). With max_update_norm > 0,
     a reply whose update (all its tensors minus the global ones) has a larger L2 norm is invalid.
-    Tensors in ``personal`` (fedmoe.personalization) stay at the sites: a reply carrying one is invalid.
+    Tensors in ``personal`` (fedmoe.personalization) stay at the sites and tensors in ``frozen`` (the
+    model's frozen_parameters, e.g. the base weights under LoRA) are trained by no one: a reply
+    carrying one is invalid.
     With ``compression`` fp16 or int8 the tensors are compressed updates (fedmoe.compression),
     decoded against the global model first; every check then applies to the decoded tensors."""
     raise_for_status(content)
@@ -250,6 +252,8 @@ def decode_train_reply(
             raise InvalidReply(f"unknown tensor '{key}'")
         if key in personal:
             raise InvalidReply(f"tensor '{key}' is a personal part (personalize): sites keep it")
+        if key in frozen:
+            raise InvalidReply(f"tensor '{key}' is frozen (adapter): no site trains it")
         reference = global_arrays[key]
         if value.shape != reference.shape or value.dtype != reference.dtype:
             raise InvalidReply(
@@ -260,7 +264,7 @@ def decode_train_reply(
         arrays[key] = value
 
     active_set = set(active)
-    expected = {k for k in global_arrays if expert_id(k, num_experts) in active_set | {None}} - personal
+    expected = {k for k in global_arrays if expert_id(k, num_experts) in active_set | {None}} - personal - frozen
     if set(arrays) != expected:
         missing = sorted(expected - set(arrays))[:3]
         extra = sorted(set(arrays) - expected)[:3]

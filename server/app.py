@@ -88,6 +88,7 @@ def main(grid: Grid, context: Context) -> None:
             min_available_nodes=cfg.min_nodes,
             server_optimizer=cfg.server_optimizer_state(),
             personal=personal_keys(initial_state, cfg.personalize),
+            frozen=getattr(model, "frozen_parameters", frozenset()),
             compression=cfg.update_compression,
             site_binding=SiteBinding(read_registry(cfg.site_registry) if cfg.site_registry else None),
         )

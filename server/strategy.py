@@ -83,6 +83,9 @@ class FedAvgMoE(FedAvg):
         average is the new model.
     personal : frozenset[str]
         Tensors the sites keep (fedmoe.personalization): never in a valid reply, never aggregated.
+    frozen : frozenset[str]
+        Tensors no site trains (the model's frozen_parameters, e.g. base weights under LoRA):
+        likewise never in a valid reply, never aggregated.
     site_binding : SiteBinding | None
         Which node may speak for which site (fedmoe.site_binding); None: bound on first use.
     compression : str
@@ -94,10 +97,11 @@ class FedAvgMoE(FedAvg):
     def __init__(self, num_experts: int, round_offset: int = 0, sparse_downlink: bool = True,
                  max_update_norm: float = 0.0, server_optimizer: ServerOptimizer | None = None,
                  personal: frozenset[str] = frozenset(), site_binding: SiteBinding | None = None, compression: str = "none",
-                 **kwargs) -> None:
+                 frozen: frozenset[str] = frozenset(), **kwargs) -> None:
         super().__init__(**kwargs)
         self.compression = compression
         self.personal = personal
+        self.frozen = frozen
         self.site_binding = site_binding or SiteBinding()
         self.num_experts = num_experts
         self.max_update_norm = max_update_norm
@@ -198,7 +202,7 @@ class FedAvgMoE(FedAvg):
             else:
                 try:
                     reply = wire.decode_train_reply(msg.content, self.global_arrays, self.num_experts,
-                                                    self.max_update_norm, self.personal, self.compression)
+                                                    self.max_update_norm, self.personal, self.compression, self.frozen)
                     reason = self.site_binding.check(node, str(reply.site))
                     if reason is None:
                         valid.append((msg, reply))
@@ -319,9 +323,12 @@ class ExpertMatched(FedAvgMoE):
             for _, r in decoded
         ]
         dropped = self._stats(server_round).dropped_updates
-        new_arrays = expert_matched_average(
-            self.global_arrays, updates, lambda key: wire.expert_id(key, self.num_experts), self.rules, dropped
-        )
+        # tensors no reply may carry are left out of the units, or a robust rule (which takes a unit
+        # from the sites that sent all of it) would find no site for theirs
+        sent = {k: v for k, v in self.global_arrays.items() if k not in self.personal | self.frozen}
+        new_arrays = {**self.global_arrays, **expert_matched_average(
+            sent, updates, lambda key: wire.expert_id(key, self.num_experts), self.rules, dropped
+        )}
         for reason in dropped:
             log(WARNING, "round %d: robust aggregation dropped %s", server_round, reason)
         return wire.to_record(new_arrays)

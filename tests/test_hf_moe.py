@@ -142,8 +142,8 @@ def test_hf_swiglu_norm_sampler_equals_the_norms_of_its_grad_sampler(tokens):
     for p in bank.expert_params(1):
         p.requires_grad_(False)
     x, index, backprops = torch.randn(5, tokens, 16), torch.randint(0, 4, (5, tokens)), torch.randn(5, tokens, 16)
-    grads = privacy.compute_swiglu_bank_grad_sample(bank, [x, index], backprops)
-    norms = privacy.compute_swiglu_bank_norm_sample(bank, [x, index], backprops)
+    grads = privacy.compute_expert_bank_grad_sample(bank, [x, index], backprops)
+    norms = privacy.compute_expert_bank_norm_sample(bank, [x, index], backprops)
     assert grads.keys() == norms.keys() and len(norms) == 6  # experts 0, 2 and 3, two tensors each
     for p, g in grads.items():
         torch.testing.assert_close(norms[p], g.flatten(1).norm(dim=1), rtol=1e-4, atol=1e-4)
@@ -224,24 +224,31 @@ def test_hf_model_path_must_agree_with_the_run_config(tmp_path):
         launch_config(config)
 
 
-def test_hf_federated_dp_run_exports_a_model_that_from_pretrained_loads_and_generates(tmp_path):
-    """A real 2-site simulation (1 round, DP-SGD, Mixtral family), then the run folder's
-    hf_model/ loaded by transformers' Auto class: it holds the final global weights."""
+@pytest.mark.parametrize("family, adapter", [("mixtral", "none"), ("qwen2-moe", "lora")])
+def test_hf_federated_dp_run_exports_a_model_that_from_pretrained_loads_and_generates(tmp_path, family, adapter):
+    """A real 2-site simulation (1 round, DP-SGD), then the run folder's hf_model/ loaded by
+    transformers' Auto class: it computes what the final global model (the checkpoint) computes,
+    with LoRA merged into the weights."""
     from experiments.launch import run_app
+    from fedmoe import tasks
+    from fedmoe.config import RunConfig
 
-    config = {"task": "hf-moe", "hf-model": "mixtral", "languages": "en,ru", "num-moe-layers": 2, "d-model": 16,
-              "num-heads": 2, "num-experts": 4, "top-k": 2, "expert-hidden": 16, "seq-len": 16, "num-server-rounds": 1,
-              "max-examples-per-site": 120, "batch-size": 16, "learning-rate": 0.005}
+    config = {"task": "hf-moe", "hf-model": family, "adapter": adapter, "languages": "en,ru", "num-moe-layers": 2,
+              "d-model": 16, "num-heads": 2, "num-experts": 4, "top-k": 2, "expert-hidden": 16, "seq-len": 16,
+              "num-server-rounds": 1, "max-examples-per-site": 120, "batch-size": 16, "learning-rate": 0.005}
     summary = run_app(config, sites=2, results_dir=tmp_path, run_name="hf", quiet=True)
     last = summary["rounds"][-1]
     assert summary["status"] == "completed" and last["replies"] == 2 and not last["rejected_replies"]
     assert 7.0 < last["epsilon_max"] <= 8.0
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "hf_model")
-    assert type(loaded).__name__ == "MixtralForCausalLM"
-    final = torch.load(tmp_path / "hf" / "checkpoint.pt", weights_only=True)["model"]
-    state = loaded.state_dict()
-    assert torch.equal(state["model.layers.1.mlp.experts.down_proj"][3], final["moe_layers.1.experts.down_3"])
-    assert torch.equal(state["lm_head.weight"], final["hf.lm_head.weight"])
+    assert type(loaded).__name__ == FAMILIES[family].model_class
+    model = tasks.build_model(RunConfig.from_run_config(config))
+    model.load_state_dict(torch.load(tmp_path / "hf" / "checkpoint.pt", weights_only=True)["model"])
+    initial = tasks.build_model(RunConfig.from_run_config(config)).state_dict()
+    assert not torch.equal(model.state_dict()["moe_layers.0.gate.weight"], initial["moe_layers.0.gate.weight"])
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, model.eval()(tokens)[0], rtol=1e-4, atol=1e-5)
     out = loaded.generate(torch.tensor([list(b"The ")]), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 9)
 
@@ -277,3 +284,88 @@ def test_hf_task_starts_from_a_model_folder(tmp_path):
     tokens = torch.randint(0, 256, (2, SEQ))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens)[0], stock(input_ids=tokens).logits, rtol=0, atol=1e-6)
+
+
+def lora_model(family="qwen2-moe", dtype=torch.float64, rank=3):
+    """A wrapped model with LoRA whose factors are all non-zero (B starts at zero, under which the
+    gradient of A vanishes and a wrong one would pass)."""
+    model = hf_moe.HFMoECausalLM(stock_model(family, dtype), SEQ, 0.01, 0.001, lora_rank=rank, lora_alpha=6.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in model.frozen_parameters:
+                p.normal_(0, 0.3)
+    return model
+
+
+def wrapper_brute_force_grads(model, tokens):
+    """{name: [N, *shape]}, one backward per sample through the wrapper itself (autograd, no Opacus)."""
+    loss_fn = MoELoss()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    out = {n: [] for n, _ in trained}
+    for i in range(len(tokens)):
+        model.zero_grad()
+        loss_fn(model(tokens[i : i + 1, :-1]), tokens[i : i + 1, 1:]).backward()
+        for n, p in trained:
+            out[n].append(p.grad.detach().clone())
+    return {n: torch.stack(g) for n, g in out.items()}
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_hf_lora_per_sample_grads_and_norms_match_one_sample_at_a_time(mode):
+    """With adapter=lora only the adapters (peft's on attention and the shared expert, the bank's
+    per expert) and the routers train; their per-sample gradients (hooks) and norms (ghost) against
+    autograd one sample at a time, float64, with the aux losses on."""
+    model = lora_model().train()
+    freeze_inactive_experts(model, [0, 3, 6])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not trainable & model.frozen_parameters
+    assert {"moe_layers.0.experts.gate_up_a_0", "moe_layers.1.experts.down_b_2", "moe_layers.1.gate.weight",
+            "moe_layers.0.shared_expert.up_proj.lora_B.default.weight",
+            "hf.model.layers.1.self_attn.q_proj.lora_A.default.weight"} <= trainable
+    assert {wire.expert_id(n, 4) for n in trainable} - {None} == {0, 3, 6}
+    tokens = torch.randint(0, 256, (4, SEQ + 1))
+    expected = wrapper_brute_force_grads(model, tokens)
+    if mode == "hooks":
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    else:
+        gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum", max_grad_norm=1e9,
+                                                   use_ghost_clipping=True)
+    MoELoss(reduction="sum")(gsm(tokens[:, :-1]), tokens[:, 1:]).backward()
+    if mode == "hooks":
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad_sample, expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    else:
+        total = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()]).pow(2).sum(0).sqrt()
+        torch.testing.assert_close(gsm.get_norm_sample(), total, rtol=1e-9, atol=1e-12)
+
+
+def test_hf_lora_sends_adapters_and_routers_only_and_the_base_stays_bit_identical():
+    model = lora_model(dtype=torch.float32)
+    global_arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    active = [1, 4]
+    freeze_inactive_experts(model, active)
+    tokens = torch.randint(0, 256, (24, SEQ + 1))
+    ledger = privacy.PrivacyLedger(site=0, target_epsilon=8.0, delta=1e-5, noise_multiplier=1.0,
+                                   count_noise_multiplier=60.0, sample_rate=0.5, num_examples=24)
+    from fedmoe.training import make_optimizer
+
+    privacy.train_private(model, torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), 12,
+                          make_optimizer("adam", model.parameters(), 0.05), 1, ledger, 1.0, "ghost",
+                          torch.Generator().manual_seed(0))
+    after = model.state_dict()
+    for key in global_arrays:
+        moved = not np.array_equal(after[key].numpy(), global_arrays[key])
+        expert = wire.expert_id(key, 4)
+        should_move = key not in model.frozen_parameters and (expert is None or expert in active)
+        assert moved == should_move, key
+    sent = {k: v.numpy() for k, v in trained_state(model).items()}
+    assert not set(sent) & model.frozen_parameters
+    content = wire.encode_train_reply({k: torch.from_numpy(v) for k, v in sent.items()}, 0, 24, active, np.ones(8), None, None)
+    reply = wire.decode_train_reply(content, global_arrays, 4, frozen=model.frozen_parameters)
+    assert set(reply.arrays) == set(sent)
+    base = "moe_layers.0.experts.gate_up_1"
+    with_base = dict(sent, **{base: global_arrays[base]})
+    content = wire.encode_train_reply({k: torch.from_numpy(v) for k, v in with_base.items()}, 0, 24, active, np.ones(8), None, None)
+    with pytest.raises(wire.InvalidReply, match=f"tensor '{base}' is frozen"):
+        wire.decode_train_reply(content, global_arrays, 4, frozen=model.frozen_parameters)

@@ -8,6 +8,7 @@ from flwr.app import MessageType
 
 from clients.app import PERSONAL_FILE, app as client_app
 from fedmoe import personalization, wire
+from fedmoe.aggregation import RobustRules
 from fedmoe.charlm import CharLMConfig, CharMoETransformer
 from fedmoe.config import ConfigError, RunConfig
 from fedmoe.model import MoEClassifier, MoEConfig
@@ -30,11 +31,14 @@ def test_parts_name_the_head_and_the_routers():
         RunConfig.from_run_config({"personalize": "head,experts"})
 
 
-def test_the_server_rejects_a_reply_carrying_a_personal_part_and_keeps_the_global_one():
+@pytest.mark.parametrize("rules", [RobustRules(), RobustRules(rule="median", update_norm_bound=100.0)], ids=["plain", "robust"])
+def test_the_server_rejects_a_reply_carrying_a_personal_part_and_keeps_the_global_one(rules):
+    """... and aggregates everything else, under the robust rules too (which take a unit only from
+    sites that sent all of it: the personal parts must not count as part of the shared unit)."""
     personal = frozenset({"head.weight", "head.bias"})
     with pytest.raises(wire.InvalidReply, match="tensor 'head.(weight|bias)' is a personal part"):
         wire.decode_train_reply(reply(0, "valid", [1], 1).content, GLOBAL, CFG.num_experts, personal=personal)
-    s = ExpertMatched(num_experts=CFG.num_experts, personal=personal)
+    s = ExpertMatched(num_experts=CFG.num_experts, personal=personal, rules=rules)
     s.global_arrays = dict(GLOBAL)
     replies = []
     for site in (0, 1):
