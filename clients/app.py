@@ -83,7 +83,13 @@ def receive_model(msg: Message, context: Context, model: nn.Module) -> int:
     if MODEL_CACHE in context.state:
         cached = dict(context.state[MODEL_CACHE])
         cached_version = int(context.state[MODEL_CACHE_VERSION]["version"])
-    arrays = ArrayRecord(downlink.complete(dict(msg.content[wire.ARRAYS]), base, cached, cached_version))
+    encoding = str(config.get(wire.DOWNLINK_ENCODING, "none"))
+    received = msg.content[wire.ARRAYS]
+    if encoding != "none":  # a compressed step: decoded in numpy against the copy it starts from
+        received, cached = wire.to_numpy(received), wire.to_numpy(cached) if cached is not None else None
+        arrays = wire.to_record(downlink.complete(received, base, cached, cached_version, encoding))
+    else:
+        arrays = ArrayRecord(downlink.complete(dict(received), base, cached, cached_version))
     model.load_state_dict(wire.to_state_dict(arrays))
     version = int(config.get(wire.MODEL_VERSION, 0))
     context.state[MODEL_CACHE] = arrays

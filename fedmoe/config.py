@@ -122,6 +122,8 @@ class RunConfig:
     max_update_norm: float = _key(0.0, _at_least(0.0), "reject a whole reply whose update (all its tensors) has a larger L2 norm (0: off)")
     update_compression: str = _key("none", _choice("none", "fp16", "int8"), "sites send their update compressed "
                                    "(fedmoe.compression: fp16, or int8 with a scale per row), with error feedback")
+    downlink_compression: str = _key("none", _choice("none", "fp16", "int8"), "the server sends each changed tensor as a "
+                                     "compressed step of the model the sites hold (fedmoe.downlink; needs sparse-downlink)")
     # Server optimizer on the aggregated pseudo-gradient (fedmoe.server_optimizers)
     server_optimizer: str = _key("none", _choice(*SERVER_OPTIMIZERS), "none: the average is the new model; fedavgm, fedadam, fedyogi: Reddi et al. 2021, per tensor")
     server_learning_rate: float = _key(1.0, _positive, "server step size η")
@@ -251,6 +253,9 @@ class RunConfig:
         if self.strategy == "fedavg" and not self.robust_rules().plain:
             problems.append("run config 'aggregation' / 'update-norm-bound' / 'outlier-*': robust rules need "
                             "strategy=expert-matched (fedavg is Flower's FedAvg as is)")
+        if self.downlink_compression != "none" and not self.sparse_downlink:
+            problems.append("run config 'downlink-compression': compressed steps go between model versions, which "
+                            "needs sparse-downlink=true")
         if self.update_compression != "none" and self.attack != "none":
             problems.append("run config 'update-compression': the attack experiments send uncompressed tensors, "
                             f"got update-compression={self.update_compression!r} with attack={self.attack!r}")

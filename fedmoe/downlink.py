@@ -11,6 +11,16 @@ A site holding version c >= b merges the message into its copy: a tensor unchang
 unchanged since c, and every tensor changed since b is in the message. A site with no copy, or
 c < b (it lost its node state), cannot; it answers ``model-cache-miss`` and the server forgets its
 version, so its next message carries the whole model.
+
+Compressed downlink (run config ``downlink-compression=fp16|int8``, ``CompressedBroadcast``): the
+sites then hold B, the broadcast model, rather than the global model G. When G reaches version v,
+every tensor that changed moves B by the compressed difference (fedmoe.compression):
+B_v = B_prev + decode(encode(G_v - B_prev)); what rounding loses stays in G - B and goes out with
+the tensor's next change. A node holding B_prev (``base-version`` = prev) gets that compressed
+step (``downlink-encoding`` = the method); any other node gets the tensors of B_v it lacks in
+float32 (encoding ``none``). Both ends compute B with the same decode, so they agree to the bit; a
+site holding another version than a compressed step's base answers ``model-cache-miss``. The
+global model is public to the sites: compressing it costs no privacy.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+
+from .compression import decode, encode
 
 WHOLE_MODEL = -1
 
@@ -52,6 +64,37 @@ class ModelVersions:
         self.node_version.pop(node, None)
 
 
+class CompressedBroadcast:
+    """Server side of a compressed downlink: the model the sites hold and the step to it."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.model: dict[str, np.ndarray] | None = None  # B
+        self.version = WHOLE_MODEL
+        self.previous_version = WHOLE_MODEL
+        self.step: dict[str, np.ndarray] = {}  # compressed B_prev -> B_version, by tensor
+
+    def stale(self, versions: ModelVersions) -> bool:
+        return self.model is None or versions.version != self.version
+
+    def advance(self, global_arrays: Mapping[str, np.ndarray], versions: ModelVersions) -> None:
+        """Bring B to the global model's version (the first call: B is the global model)."""
+        if self.model is None:
+            self.model = {k: np.array(v) for k, v in global_arrays.items()}
+            self.version = versions.version
+            return
+        changed = [k for k, at in versions.changed_at.items() if at > self.version]
+        self.step = encode({k: (global_arrays[k] - self.model[k]).astype(np.float32) for k in changed}, self.method)
+        self.model.update(decode(self.step, self.method, {k: self.model[k] for k in changed}))
+        self.previous_version, self.version = self.version, versions.version
+
+    def message(self, base: int, keys: list[str]) -> tuple[dict[str, np.ndarray], str]:
+        """(arrays, encoding) for a node holding version ``base`` that lacks ``keys``."""
+        if base != WHOLE_MODEL and base == self.previous_version:
+            return self.step, self.method
+        return {k: self.model[k] for k in keys}, "none"
+
+
 class CacheMiss(Exception):
     """The site cannot complete a sparse message: it holds no copy, or one older than the base."""
 
@@ -60,10 +103,13 @@ class CacheMiss(Exception):
         self.held = held
 
 
-def complete(received: Mapping, base: int, cached: Mapping | None, cached_version: int):
-    """Client side: the whole model from a message's tensors and the site's cached copy."""
+def complete(received: Mapping, base: int, cached: Mapping | None, cached_version: int, encoding: str = "none"):
+    """Client side: the whole model from a message's tensors and the site's cached copy; a
+    compressed step (``encoding`` fp16 or int8) applies to exactly the version it starts from."""
     if base == WHOLE_MODEL:
         return dict(received)
-    if cached is None or cached_version < base:
+    if cached is None or cached_version < base or (encoding != "none" and cached_version != base):
         raise CacheMiss(cached_version if cached is not None else WHOLE_MODEL, base)
+    if encoding != "none":
+        received = decode(received, encoding, {k: cached[k] for k in received if k in cached})
     return {**cached, **received}

@@ -49,6 +49,7 @@ BUDGET_EXHAUSTED = "budget-exhausted"
 MODEL_CACHE_MISS = "model-cache-miss"
 MODEL_VERSION = "model-version"
 BASE_VERSION = "base-version"
+DOWNLINK_ENCODING = "downlink-encoding"  # fedmoe.downlink: none, or the compressed step's method
 
 NUM_EXAMPLES = "num-examples"
 SITE = "partition-id"

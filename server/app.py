@@ -90,6 +90,7 @@ def main(grid: Grid, context: Context) -> None:
             personal=personal_keys(initial_state, cfg.personalize),
             frozen=getattr(model, "frozen_parameters", frozenset()),
             compression=cfg.update_compression,
+            downlink_compression=cfg.downlink_compression,
             site_binding=SiteBinding(read_registry(cfg.site_registry) if cfg.site_registry else None),
         )
         strategy.load_state(strategy_state)

@@ -33,7 +33,7 @@ from flwr.supercore import log
 
 from fedmoe import wire
 from fedmoe.aggregation import RobustRules, SiteUpdate, expert_matched_average, load_coefficient_of_variation
-from fedmoe.downlink import WHOLE_MODEL, ModelVersions
+from fedmoe.downlink import WHOLE_MODEL, CompressedBroadcast, ModelVersions
 from fedmoe.server_optimizers import ServerOptimizer
 from fedmoe.site_binding import SiteBinding
 
@@ -90,6 +90,9 @@ class FedAvgMoE(FedAvg):
         Which node may speak for which site (fedmoe.site_binding); None: bound on first use.
     compression : str
         How sites encode their updates (fedmoe.compression): decoded before validation.
+    downlink_compression : str
+        none, fp16 or int8: nodes get compressed steps of the broadcast model
+        (fedmoe.downlink.CompressedBroadcast); needs sparse_downlink.
     **kwargs
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
@@ -97,8 +100,11 @@ class FedAvgMoE(FedAvg):
     def __init__(self, num_experts: int, round_offset: int = 0, sparse_downlink: bool = True,
                  max_update_norm: float = 0.0, server_optimizer: ServerOptimizer | None = None,
                  personal: frozenset[str] = frozenset(), site_binding: SiteBinding | None = None, compression: str = "none",
-                 frozen: frozenset[str] = frozenset(), **kwargs) -> None:
+                 frozen: frozenset[str] = frozenset(), downlink_compression: str = "none", **kwargs) -> None:
         super().__init__(**kwargs)
+        if downlink_compression != "none" and not sparse_downlink:
+            raise ValueError("downlink compression sends steps between model versions: it needs sparse_downlink")
+        self.broadcast = CompressedBroadcast(downlink_compression) if downlink_compression != "none" else None
         self.compression = compression
         self.personal = personal
         self.frozen = frozen
@@ -159,12 +165,19 @@ class FedAvgMoE(FedAvg):
         """Give each message the tensors its node lacks (all of them without sparse downlink) and
         the model version they complete; returns the bytes sent."""
         sent = 0
+        if self.broadcast is not None and self.broadcast.stale(self.versions):
+            self.broadcast.advance(wire.to_numpy(arrays), self.versions)
         for msg in messages:
             node = msg.metadata.dst_node_id
             base, keys = self.versions.delta(node, arrays.keys()) if self.sparse_downlink else (WHOLE_MODEL, list(arrays.keys()))
-            record = ArrayRecord({k: arrays[k] for k in keys})
+            encoding = "none"
+            if self.broadcast is not None:
+                payload, encoding = self.broadcast.message(base, keys)
+                record = wire.to_record(payload)
+            else:
+                record = ArrayRecord({k: arrays[k] for k in keys})
             config = ConfigRecord({**msg.content[wire.CONFIG], wire.MODEL_VERSION: self.versions.version,
-                                   wire.BASE_VERSION: base})
+                                   wire.BASE_VERSION: base, wire.DOWNLINK_ENCODING: encoding})
             msg.content = RecordDict({wire.ARRAYS: record, wire.CONFIG: config})
             sent += record.count_bytes()
         return sent
@@ -201,7 +214,9 @@ class FedAvgMoE(FedAvg):
                 continue
             else:
                 try:
-                    reply = wire.decode_train_reply(msg.content, self.global_arrays, self.num_experts,
+                    # a site's update is relative to the model it holds: the broadcast one, if compressed
+                    held = self.broadcast.model if self.broadcast is not None else self.global_arrays
+                    reply = wire.decode_train_reply(msg.content, held, self.num_experts,
                                                     self.max_update_norm, self.personal, self.compression, self.frozen)
                     reason = self.site_binding.check(node, str(reply.site))
                     if reason is None:

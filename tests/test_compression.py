@@ -130,3 +130,48 @@ def test_a_sites_compressed_reply_decodes_to_what_it_trained(tmp_path, method):
                                    value - global_arrays[key], atol=1e-6)
     with pytest.raises(wire.InvalidReply, match=f"compressed update \\({method}\\)"):
         wire.decode_train_reply(plain.content, global_arrays, num_experts, compression=method)
+
+
+@needs_fmnist
+def test_a_compressed_downlink_keeps_server_and_site_on_one_model_and_untouched_experts_exact(tmp_path):
+    """Three rounds of the strategy against the real ClientApp with int8 both ways: after every
+    message the site holds the strategy's broadcast model bit for bit, steps are about a quarter
+    of float32, the site's compressed update decodes against what it holds, and experts no site
+    trained are bit-identical to the initial model in the global and the broadcast model."""
+    from flwr.app import ConfigRecord
+
+    from server.strategy import ExpertMatched
+    from tests.test_strategy import Grid
+
+    cfg = run_config({"num-server-rounds": 3, "max-examples-per-site": 200, "d-model": 16, "expert-hidden": 16,
+                      "dp": False, "update-compression": "int8", "downlink-compression": "int8", "active-top-m": 1})
+    model = global_model(cfg)
+    initial = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    num_experts = RunConfig.from_run_config(cfg).num_experts
+    s = ExpertMatched(num_experts=num_experts, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,
+                      compression="int8", downlink_compression="int8")
+    ctx = context(cfg, tmp_path / "site")
+    arrays = wire.to_record(model.state_dict())
+    trained = set()
+    for r in (1, 2, 3):
+        [msg] = s.configure_train(r, arrays, ConfigRecord({wire.RUN_DIR: str(tmp_path / "run")}), Grid([1]))
+        encoding = msg.content[wire.CONFIG][wire.DOWNLINK_ENCODING]
+        assert encoding == ("none" if r == 1 else "int8")
+        if r > 1:
+            changed = s.versions.delta(99, arrays.keys())[1]
+            assert msg.content[wire.ARRAYS].count_bytes() < 0.35 * sum(initial[k].nbytes for k in changed)
+        reply = client_app(msg, ctx)
+        assert not reply.has_error(), reply.error
+        held = wire.to_numpy(ctx.state["model-cache"])
+        assert all(np.array_equal(held[k], s.broadcast.model[k]) for k in initial)
+        decoded = wire.decode_train_reply(reply.content, s.broadcast.model, num_experts, compression="int8")
+        trained |= set(decoded.active_experts)
+        arrays, _ = s.aggregate_train(r, [reply])
+        assert s.round_stats[r].replies == 1
+        for k, v in decoded.arrays.items():  # one site: the new global tensors are its own, decoded against B
+            np.testing.assert_allclose(wire.to_numpy(arrays)[k], v, rtol=0, atol=1e-7, err_msg=k)
+    final = wire.to_numpy(arrays)
+    untouched = [k for k in initial if wire.expert_id(k, num_experts) not in trained | {None}]
+    assert untouched
+    for k in untouched:
+        assert final[k].tobytes() == initial[k].tobytes() and s.broadcast.model[k].tobytes() == initial[k].tobytes()

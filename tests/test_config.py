@@ -28,6 +28,9 @@ def test_pyproject_holds_every_key_with_its_default():
         ({"batch-size": "big"}, "batch-size"),
         ({"patch-size": 5}, "patch-size"),
         ({"active-min-share": float("nan")}, "active-min-share"),
+        ({"downlink-compression": "int8", "sparse-downlink": False}, "downlink-compression"),
+        ({"adapter": "lora"}, "adapter"),  # task fmnist
+        ({"task": "hf-moe", "hf-model": "llama"}, "hf-model"),
     ],
 )
 def test_bad_config_fails_naming_the_key(overrides, key):

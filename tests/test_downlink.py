@@ -56,3 +56,49 @@ def test_a_cache_miss_says_what_the_site_holds():
     with pytest.raises(CacheMiss, match="^holds model version -1, the message completes version 0 onwards$") as miss:
         complete(arrays(a=1), 0, None, 5)
     assert miss.value.held == WHOLE_MODEL
+
+
+def half_steps(delta):
+    """Half the int8 quantisation step of each row of ``delta``, broadcastable against it."""
+    rows = delta.reshape(len(delta) if delta.ndim > 1 else 1, -1)
+    return (np.abs(rows).max(axis=1) / 127 / 2)[:, None]
+
+
+def test_a_compressed_step_brings_a_site_to_the_servers_broadcast_model_bit_for_bit():
+    from fedmoe.downlink import CompressedBroadcast
+
+    rng = np.random.default_rng(0)
+    versions = ModelVersions(0)
+    g0 = {"a": rng.normal(size=(3, 5)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32),
+          "c": rng.normal(size=(2, 2)).astype(np.float32)}
+    broadcast = CompressedBroadcast("int8")
+    broadcast.advance(g0, versions)
+    arrays, encoding = broadcast.message(WHOLE_MODEL, list(g0))
+    assert encoding == "none" and all(np.array_equal(arrays[k], g0[k]) for k in g0)
+    site = dict(arrays)
+    g1 = {**g0, "a": g0["a"] + rng.normal(size=(3, 5)).astype(np.float32), "b": g0["b"] * 1.5}
+    versions.record_update(g0, g1, 1)
+    assert broadcast.stale(versions)
+    broadcast.advance(g1, versions)
+    step, encoding = broadcast.message(0, ["a", "b"])
+    assert encoding == "int8" and set(step) == {"a", "b", "a.__int8_scale__", "b.__int8_scale__"}
+    assert step["a"].dtype == np.int8 and step["b"].dtype == np.int8
+    site = complete(step, 0, site, 0, encoding)
+    assert all(np.array_equal(site[k], broadcast.model[k]) for k in g1)  # both ends decode alike
+    assert np.array_equal(site["c"], g0["c"])  # untouched: not sent, unchanged
+    for k in ("a", "b"):  # B is within half a quantisation step of the global model
+        assert np.all(np.abs(g1[k] - site[k]).reshape(half_steps(g1[k]).shape[0], -1) <= half_steps(g1[k] - g0[k]) + 1e-6)
+    # a node that missed the step gets B itself, float32, exactly
+    arrays, encoding = broadcast.message(WHOLE_MODEL, list(g1))
+    assert encoding == "none" and all(np.array_equal(arrays[k], broadcast.model[k]) for k in g1)
+    # the next step of a tensor carries what the last one lost: it encodes g2 - B1, not g2 - g1
+    b1 = dict(broadcast.model)
+    g2 = {**g1, "a": g1["a"] + 1.0}
+    versions.record_update(g1, g2, 2)
+    broadcast.advance(g2, versions)
+    step, _ = broadcast.message(1, ["a"])
+    assert set(step) == {"a", "a.__int8_scale__"}
+    site = complete(step, 1, site, 1, "int8")
+    assert np.all(np.abs(site["a"] - g2["a"]) <= half_steps(g2["a"] - b1["a"]) + 1e-6)
+    with pytest.raises(CacheMiss):  # a step starts from exactly one version
+        complete(step, 1, site, 2, "int8")
