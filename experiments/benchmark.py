@@ -22,9 +22,9 @@ The federated methods run the fedmoe app (experiments.launch, on the target); lo
 centralized train in this process with the sites' code: same model, optimiser, per-round learning
 rate and epochs per round, on the same partitions.
 
-With --seeds the benchmark runs once per seed (DIR/seed-N/, each as below; a seed whose
-results.json has every method is not run again) and DIR/seeds.md and DIR/seeds.json give each
-method's mean and standard deviation over the seeds.
+With --seeds the benchmark runs once per seed (DIR/seed-N/, each as below) and DIR/seeds.md and
+DIR/seeds.json give each method's mean and standard deviation over the seeds. A method already in
+a results.json of the same config is not run again: an interrupted benchmark continues.
 
 Writes DIR/results.json (per method: final_accuracy on the global test set, per_site_accuracy on each
 site's own test split, uplink/downlink bytes, rounds, wall_seconds, epsilon where DP ran, per-round
@@ -220,9 +220,15 @@ def run_benchmark(preset: dict[str, Any], out: Path, target: Target = Target(),
         "config": config, "sites": sites, "target": str(target),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "methods": {},
     }
+    earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
+    if earlier and (earlier["config"], earlier["sites"], earlier.get("dp-config")) == (config, sites, preset.get("dp-config")):
+        report["methods"] = {m: r for m, r in earlier["methods"].items() if m in methods}  # an interrupted benchmark
+    report["dp-config"] = preset.get("dp-config")
     started = time.time()
     for i, method in enumerate(methods):
         progress(i, len(methods), started, method)
+        if method in report["methods"]:
+            continue
         t0 = time.time()
         if method in IN_PROCESS:
             result = train_in_process(method, config, sites)
@@ -246,16 +252,10 @@ def run_benchmark(preset: dict[str, Any], out: Path, target: Target = Target(),
 
 def run_seeds(preset: dict[str, Any], out: Path, seeds: list[int], target: Target = Target(),
               methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
-    """run_benchmark once per seed into out/seed-N (skipping a seed already complete), then each
-    method's mean and standard deviation over the seeds in out/seeds.json and out/seeds.md."""
-    reports = []
-    for seed in seeds:
-        seed_out = out / f"seed-{seed}"
-        done = seed_out / "results.json"
-        if done.exists() and set(methods) <= set(json.loads(done.read_text())["methods"]):
-            reports.append(json.loads(done.read_text()))
-            continue
-        reports.append(run_benchmark({**preset, "config": {**preset["config"], "seed": seed}}, seed_out, target, methods))
+    """run_benchmark once per seed into out/seed-N (methods already there are not run again), then
+    each method's mean and standard deviation over the seeds in out/seeds.json and out/seeds.md."""
+    reports = [run_benchmark({**preset, "config": {**preset["config"], "seed": seed}}, out / f"seed-{seed}", target, methods)
+               for seed in seeds]
     summary = {"sites": preset["sites"], "config": preset["config"], "dp-config": preset.get("dp-config", {}),
                "seeds": seeds, "machine": machine(), "methods": {}, "headline": {}}
     for method in methods:

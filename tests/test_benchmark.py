@@ -92,10 +92,30 @@ def test_seeds_are_summarised_by_mean_and_sample_std(tmp_path, monkeypatch):
     assert em["per_site_accuracy"]["0"]["min"] == pytest.approx(0.6) and em["per_site_accuracy"]["1"]["max"] == 0.8
     assert summary["headline"]["gap"]["mean"] == pytest.approx(0.2)
     assert "0.7000 ± 0.2000" in (tmp_path / "seeds.md").read_text()
-    # a finished seed is read back, not run again
-    monkeypatch.setattr(benchmark, "run_benchmark", lambda *a: pytest.fail("seed ran again"))
-    again = benchmark.run_seeds(preset, tmp_path, [0, 1, 2], methods=("expert_matched",))
-    assert again["methods"] == summary["methods"]
+
+
+def test_an_interrupted_benchmark_runs_only_the_methods_it_lacks(tmp_path, monkeypatch):
+    import experiments.benchmark as benchmark
+
+    ran = []
+
+    def fake_run_app(overrides, **kwargs):
+        ran.append(kwargs["run_name"])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(benchmark, "run_app", fake_run_app)
+    preset = {"sites": 2, "config": {"seed": 0}, "dp-config": {"batch-size": 8}}
+    finished = {"final_accuracy": 0.5, "per_site_accuracy": {"0": 0.5}, "epsilon": None}
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"config": {"seed": 0}, "sites": 2, "dp-config": {"batch-size": 8}, "methods": {"expert_matched": finished}}))
+    methods = ("expert_matched", "expert_matched_dp")
+    with pytest.raises(RuntimeError, match="stop here"):
+        benchmark.run_benchmark(preset, tmp_path, methods=methods)
+    assert ran == ["expert_matched_dp"]
+    ran.clear()  # the same folder, another config: nothing is reused
+    with pytest.raises(RuntimeError, match="stop here"):
+        benchmark.run_benchmark({**preset, "dp-config": {"batch-size": 16}}, tmp_path, methods=methods)
+    assert ran == ["expert_matched"]
 
 
 def test_dp_methods_take_the_presets_dp_recipe_unless_overridden():
