@@ -5,10 +5,13 @@ is started on a free loopback port with its own FLWR_HOME and a neutral working 
 app is submitted with ``flwr run <app> <connection> --stream``, and the SuperLink is stopped
 afterwards, so no stale SuperLink from another checkout can serve an old ClientApp.
 Any other target names a SuperLink connection in the user's FLWR_HOME (a deployment).
+``--ray-address HOST:PORT`` runs the simulation on an existing Ray cluster instead of a Ray
+instance of its own: the SuperLink's Ray backend connects to it (RAY_ADDRESS), and the sites'
+ClientApp actors spread over its nodes, one CPU each.
 
 ``flwr run`` exits 0 even when the run failed, so success is read from the run's summary.json.
 
-    python -m experiments.launch [--sites N] [--target NAME] [-c "key=value" ...]
+    python -m experiments.launch [--sites N] [--target NAME] [--ray-address HOST:PORT] [-c "key=value" ...]
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Target:
     connection: str = SIMULATION
     env: Mapping[str, str] | None = None
     prefix: tuple[str, ...] = ()
+    ray_address: str | None = None  # simulation: an existing Ray cluster to run on
 
     def __str__(self) -> str:
         return self.connection
@@ -111,11 +115,14 @@ def flower_env(home: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def simulation_superlink(log_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """A private simulation SuperLink; yields (connection name, environment for flwr)."""
+def simulation_superlink(log_path: Path, ray_address: str | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+    """A private simulation SuperLink (on the Ray cluster at ``ray_address``, else on a Ray
+    instance of its own); yields (connection name, environment for flwr)."""
     home = Path(tempfile.mkdtemp(prefix="fedmoe-flwr-home-"))
     port = free_port()
     env = flower_env(home)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     write_connection(home, "fedmoe-sim", f"127.0.0.1:{port}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -172,7 +179,7 @@ def run_app(
         out = stream_to or sys.stdout
         if target.connection == SIMULATION:
             fed = {"num-supernodes": sites, "client-resources-num-cpus": 1}
-            with simulation_superlink(log_path.with_suffix(".superlink.log")) as (connection, sim_env):
+            with simulation_superlink(log_path.with_suffix(".superlink.log"), target.ray_address) as (connection, sim_env):
                 submit(app, connection, sim_env, overrides, fed, out, timeout=timeout)
         else:
             submit(app, target.connection, target.env or os.environ, overrides, None, out, target.prefix, timeout)
@@ -198,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=3, help="simulated sites (SuperNodes)")
     parser.add_argument("--target", default=SIMULATION, help="'simulation' or a SuperLink connection name")
+    parser.add_argument("--ray-address", help="simulation: run on the existing Ray cluster at HOST:PORT")
     parser.add_argument("--results-dir", help="where run folders go (default: the run config's results-dir, results/)")
     add_run_config_argument(parser)
     args = parser.parse_args(argv)
     overrides = checked_run_config(parse_overrides(args.run_config))
     started = time.time()
-    summary = run_app(overrides, sites=args.sites, target=Target(args.target), results_dir=args.results_dir)
+    summary = run_app(overrides, sites=args.sites, target=Target(args.target, ray_address=args.ray_address),
+                      results_dir=args.results_dir)
     rounds = summary["rounds"]
     run_dir = Path(summary["config"]["results-dir"]) / summary["config"]["run-name"]
     print(
