@@ -85,17 +85,28 @@ def main(argv: list[str] | None = None) -> int:
                           run_name="scale", quiet=True)
     wall = time.time() - started
     elapsed = [r["elapsed_seconds"] for r in summary["rounds"]]
+    server = [r["server_seconds"] for r in summary["rounds"]]
     result = {
         "sites": args.sites, "rounds": args.rounds, "config": overrides, "wall_seconds": round(wall, 1),
         "round_elapsed_seconds": elapsed, "final_accuracy": summary["final_accuracy"],
         "replies_per_round": [r["replies"] for r in summary["rounds"]],
         "peak_rss_MB": round(memory.peak / 1e6, 1),
+        "server_seconds_per_round": server, "server_share": server_share(elapsed, server),
     }
     print(f"{args.sites} sites x {args.rounds} rounds: wall {wall:.0f}s (rounds done at {elapsed} s), "
           f"replies {result['replies_per_round']}, final accuracy {summary['final_accuracy']:.4f}, "
-          f"peak memory of the process tree {result['peak_rss_MB']} MB")
+          f"peak memory of the process tree {result['peak_rss_MB']} MB\n"
+          f"strategy's own work (addressing, decoding and checking replies, aggregating) per round: "
+          + "; ".join(", ".join(f"{k} {v:.2f}s" for k, v in s.items()) for s in server)
+          + f"\nshare of the run up to the last round's evaluation: {result['server_share']:.1%}")
     save_json(result, args.out, "scale.json")
     return 0
+
+
+def server_share(elapsed: list[float], server: list[dict[str, float]]) -> float:
+    """The strategy's seconds over the ServerApp's seconds until the last round was evaluated
+    (Ray start-up and the first model build included in the denominator)."""
+    return sum(sum(parts.values()) for parts in server) / elapsed[-1]
 
 
 if __name__ == "__main__":

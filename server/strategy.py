@@ -21,6 +21,8 @@ logged and counted; the round goes on with the rest.
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -62,6 +64,23 @@ class RoundStats:
     dropped_updates: list[str] = field(default_factory=list)  # site updates to units the robust rules dropped
     site_update_norm: dict[str, float] = field(default_factory=dict)  # L2 norm of each site's update
     site_num_examples: dict[str, int] = field(default_factory=dict)  # training examples each site reported
+    # the strategy's own work in the round (addressing, decoding and checking replies, aggregation)
+    server_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def timed(part: str):
+    """Adds the wall time of a strategy hook to its round's ``server_seconds[part]``."""
+    def wrap(hook):
+        @functools.wraps(hook)
+        def run(self, server_round: int, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return hook(self, server_round, *args, **kwargs)
+            finally:
+                spent = self._stats(server_round + self.round_offset).server_seconds
+                spent[part] = spent.get(part, 0.0) + time.perf_counter() - started
+        return run
+    return wrap
 
 
 class FedAvgMoE(FedAvg):
@@ -136,6 +155,7 @@ class FedAvgMoE(FedAvg):
     def _stats(self, server_round: int) -> RoundStats:
         return self.round_stats.setdefault(server_round, RoundStats())
 
+    @timed("configure-train")
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         self.global_arrays = wire.to_numpy(arrays)
@@ -144,6 +164,7 @@ class FedAvgMoE(FedAvg):
         self._stats(server_round).downlink_bytes += self.address_models(messages, arrays)
         return messages
 
+    @timed("configure-evaluate")
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         messages = self.registered_only(server_round, super().configure_evaluate(server_round, arrays, config, grid))
@@ -234,6 +255,7 @@ class FedAvgMoE(FedAvg):
             stats.rejected_replies.append(reason)
         return sorted(valid, key=lambda pair: (pair[1].site, pair[0].metadata.src_node_id))
 
+    @timed("aggregate-train")
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         stats = self._stats(server_round)
@@ -288,6 +310,7 @@ class FedAvgMoE(FedAvg):
         arrays, _ = super().aggregate_train(server_round, [msg for msg, _ in decoded])
         return wire.to_record({**self.global_arrays, **wire.to_numpy(arrays)})
 
+    @timed("aggregate-evaluate")
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         stats = self._stats(server_round)

@@ -72,6 +72,8 @@ def test_first_messages_carry_the_whole_model_then_only_what_changed():
     assert set(to[2].content[wire.ARRAYS].keys()) == set(GLOBAL)  # never replied: the whole model again
     assert s.round_stats[2].downlink_bytes == sum(m.content[wire.ARRAYS].count_bytes() for m in messages)
     assert s.round_stats[1].lost_nodes == [2]  # sampled, never replied
+    assert set(s.round_stats[1].server_seconds) == {"configure-train", "aggregate-train"}
+    assert all(v > 0 for v in s.round_stats[1].server_seconds.values())
 
 
 def test_without_sparse_downlink_every_message_is_the_whole_model():
