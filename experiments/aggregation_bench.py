@@ -26,7 +26,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe import wire
 from fedmoe.config import RunConfig
-from fedmoe.model import MoEClassifier
+from fedmoe.models.moe import MoEClassifier
 from server.strategy import ExpertMatched, FedAvgMoE
 
 from .reporting import markdown_table, save_json

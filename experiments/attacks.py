@@ -97,7 +97,7 @@ def final_model(run_dir: Path, config: dict[str, Any]):
     import torch
 
     from fedmoe.config import RunConfig
-    from fedmoe.model import MoEClassifier
+    from fedmoe.models.moe import MoEClassifier
 
     model = MoEClassifier(RunConfig.from_run_config(config).model_config())
     model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"])

@@ -71,7 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "max-examples-per-site": 6000, "batch-size": 32, "learning-rate": 0.002, "seed": 0},
     },
     # a Hugging Face transformers MoE (Qwen2-MoE family: routed experts beside a shared expert) on the
-    # charlm-smoke text, built small from fedmoe's size keys (fedmoe.hf_moe)
+    # charlm-smoke text, built small from fedmoe's size keys (fedmoe.models.hf_moe)
     "hf-smoke": {
         "sites": 4,
         "methods": ("expert_matched", "expert_matched_dp", "fedavg_full_moe", "local_only"),

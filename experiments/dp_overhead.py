@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 
 from fedmoe import privacy
 from fedmoe.config import RunConfig
-from fedmoe.model import MoEClassifier
+from fedmoe.models.moe import MoEClassifier
 from fedmoe.training import freeze_inactive_experts, make_loader, make_optimizer, train_epochs
 
 from .reporting import save_json

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .aggregation import RobustRules
-from .hf_families import FAMILIES, model_path_problems
+from .models.hf_families import FAMILIES, model_path_problems
 from .server_optimizers import SERVER_OPTIMIZERS
 
 if TYPE_CHECKING:  # torch stays unimported until a model is built: a bad config fails in well under a second
-    from .model import MoEConfig
+    from .models.moe import MoEConfig
     from .server_optimizers import ServerOptimizer
 
 
@@ -308,7 +308,7 @@ class RunConfig:
                                self.server_beta2, self.server_tau)
 
     def model_config(self, num_classes: int = 10) -> MoEConfig:
-        from .model import MoEConfig
+        from .models.moe import MoEConfig
 
         return MoEConfig(
             image_size=self.image_size, in_channels=self.image_channels, num_classes=num_classes,

@@ -27,8 +27,8 @@ from opacus.accountants import RDPAccountant
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch.utils.data import DataLoader, Dataset
 
-from .hf_moe import SwiGLUExpertBank
-from .model import ExpertBank, PositionEmbedding
+from .models.hf_moe import SwiGLUExpertBank
+from .models.moe import ExpertBank, PositionEmbedding
 from .results import atomic_write_json
 
 ACCOUNTANT = "rdp"

@@ -4,24 +4,24 @@ A task gives the apps four things (``Task``): the model, one site's data, the se
 set, and a label per site for tables; optionally a factor that turns its loss into bits per
 character. Built in:
 
-  fmnist   Fashion-MNIST images, patch-token MoE classifier (fedmoe.model), sites split by
+  fmnist   Fashion-MNIST images, patch-token MoE classifier (fedmoe.models.moe), sites split by
            flwr-datasets partitioners (fedmoe.data)
   images   your own images (data-path: an ImageFolder tree or a saved HF dataset), the same
            classifier sized to them (fedmoe.own_images)
-  charlm   UTF-8 text, byte-level MoE transformer (fedmoe.charlm), one language (or
+  charlm   UTF-8 text, byte-level MoE transformer (fedmoe.models.charlm), one language (or
            languages-per-site languages) per site (fedmoe.text)
   hf-moe   the same text, a Hugging Face transformers MoE model (hf-model family built from the
-           size keys, or model-path; fedmoe.hf_moe), exported with save_pretrained at the end
+           size keys, or model-path; fedmoe.models.hf_moe), exported with save_pretrained at the end
 
 Your own task: ``task="module:ClassName"``, a ``Task`` subclass in a module the apps can import
 (a file beside pyproject.toml travels with the app; README "Bring your own model").
 
 What the model must be: ``forward(x) -> (logits [N, C] or [N, T, V], aux [N])`` with ``aux`` the
-per-sample router losses, ``moe_layers`` (fedmoe.model.MoELayer, whose expert banks are what
+per-sample router losses, ``moe_layers`` (fedmoe.models.moe.MoELayer, whose expert banks are what
 sites train selectively and send), ``routing_counts()`` (token-slots per global expert in the
 last forward), ``config.total_experts`` and ``config.num_tokens`` (tokens each sample routes
 through each MoE layer: it bounds one sample's effect on the released routing counts)
-(fedmoe.model.MoEClassifier and fedmoe.charlm.CharMoETransformer are examples). Every sample's
+(fedmoe.models.moe.MoEClassifier and fedmoe.models.charlm.CharMoETransformer are examples). Every sample's
 loss must depend on that sample only (DP-SGD clips per sample). The loss is cross-entropy of the
 logits (mean over positions for sequences) plus ``aux``; the metrics are that loss and accuracy
 (fedmoe.training), the same for every task.
@@ -76,7 +76,7 @@ class Task:
 
 class FashionMNISTTask(Task):
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        from .model import MoEClassifier
+        from .models.moe import MoEClassifier
 
         return MoEClassifier(cfg.model_config())
 
@@ -116,7 +116,7 @@ class OwnImagesTask(Task):
                                cfg.image_size, cfg.image_channels, cfg.seed)
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        from .model import MoEClassifier
+        from .models.moe import MoEClassifier
 
         return MoEClassifier(cfg.model_config(num_classes=self.data(cfg).num_classes))
 
@@ -133,7 +133,7 @@ class OwnImagesTask(Task):
 
 class CharLMTask(Task):
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        from .charlm import CharMoETransformer
+        from .models.charlm import CharMoETransformer
 
         return CharMoETransformer(charlm_config(cfg))
 
@@ -163,7 +163,7 @@ class HFMoETask(CharLMTask):
     """charlm's data and metrics (byte tokens: no tokenizer to fetch), a transformers MoE model."""
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        from . import hf_moe
+        from .models import hf_moe
 
         lora = (cfg.lora_rank, cfg.lora_alpha) if cfg.adapter == "lora" else (0, cfg.lora_alpha)
         if cfg.model_path:
@@ -225,7 +225,7 @@ def export(cfg: RunConfig, model: nn.Module, run_dir: Path) -> None:
 
 
 def charlm_config(cfg: RunConfig):
-    from .charlm import CharLMConfig
+    from .models.charlm import CharLMConfig
 
     return CharLMConfig(
         seq_len=cfg.seq_len, d_model=cfg.d_model, num_heads=cfg.num_heads, num_moe_layers=cfg.num_moe_layers,

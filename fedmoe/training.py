@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .model import MoEClassifier
+from .models.moe import MoEClassifier
 
 
 def freeze_inactive_experts(model: MoEClassifier, active: Iterable[int]) -> None:

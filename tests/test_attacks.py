@@ -43,7 +43,7 @@ def test_attack_success_rate_counts_triggered_images_of_other_classes():
 
 
 def test_expert_share_is_each_images_share_of_token_slots():
-    from fedmoe.model import MoEClassifier, MoEConfig
+    from fedmoe.models.moe import MoEClassifier, MoEConfig
 
     torch.manual_seed(0)
     model = MoEClassifier(MoEConfig(d_model=8, expert_hidden=8, num_experts=4, top_k=2))

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedmoe import privacy, text, wire
-from fedmoe.charlm import CharLMConfig, CharMoETransformer
+from fedmoe.models.charlm import CharLMConfig, CharMoETransformer
 from fedmoe.training import freeze_inactive_experts, make_optimizer
 
 SMALL = CharLMConfig(seq_len=16, d_model=16, num_heads=2, num_moe_layers=2, num_experts=4, top_k=2, expert_hidden=16)

@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 from clients.app import app as client_app
 from fedmoe import privacy, tasks, wire
 from fedmoe.config import RunConfig
-from fedmoe.model import MoEClassifier
+from fedmoe.models.moe import MoEClassifier
 from fedmoe.training import freeze_inactive_experts, make_optimizer
 from tests.sites import context, global_model, message, needs_fmnist, run_config, server_identity  # noqa: F401
 

@@ -12,9 +12,10 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
 transformers = pytest.importorskip("transformers")
 
-from fedmoe import hf_moe, privacy, wire  # noqa: E402
+from fedmoe import privacy, wire  # noqa: E402
+from fedmoe.models import hf_moe  # noqa: E402
 from fedmoe.config import ConfigError, launch_config  # noqa: E402
-from fedmoe.hf_families import FAMILIES  # noqa: E402
+from fedmoe.models.hf_families import FAMILIES  # noqa: E402
 from fedmoe.training import MoELoss, freeze_inactive_experts, trained_state  # noqa: E402
 
 SEQ = 8

@@ -2,7 +2,7 @@
 
 import torch
 
-from fedmoe.model import ExpertBank, MoEClassifier, MoEConfig
+from fedmoe.models.moe import ExpertBank, MoEClassifier, MoEConfig
 
 
 def small_config(**kw):

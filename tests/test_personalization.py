@@ -9,9 +9,9 @@ from flwr.app import MessageType
 from clients.app import PERSONAL_FILE, app as client_app
 from fedmoe import personalization, wire
 from fedmoe.aggregation import RobustRules
-from fedmoe.charlm import CharLMConfig, CharMoETransformer
+from fedmoe.models.charlm import CharLMConfig, CharMoETransformer
 from fedmoe.config import ConfigError, RunConfig
-from fedmoe.model import MoEClassifier, MoEConfig
+from fedmoe.models.moe import MoEClassifier, MoEConfig
 from fedmoe.training import evaluate
 from server.strategy import ExpertMatched
 from tests.sites import context, global_model, message, needs_fmnist, reply_arrays, run_config, server_identity  # noqa: F401

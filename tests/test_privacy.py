@@ -14,7 +14,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch.utils.data import TensorDataset
 
 from fedmoe import privacy
-from fedmoe.model import ExpertBank, MoEClassifier, MoEConfig
+from fedmoe.models.moe import ExpertBank, MoEClassifier, MoEConfig
 from fedmoe.training import MoELoss, freeze_inactive_experts
 
 CFG = MoEConfig(d_model=12, expert_hidden=10, num_experts=4, top_k=2, router_noise=0.0)

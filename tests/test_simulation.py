@@ -8,7 +8,7 @@ import torch
 
 from fedmoe import results as results_module, wire
 from fedmoe.config import RunConfig
-from fedmoe.model import ExpertBank, MoEClassifier
+from fedmoe.models.moe import ExpertBank, MoEClassifier
 
 from tests.conftest import TINY_BENCHMARK
 

@@ -218,7 +218,7 @@ def test_what_the_robust_rules_drop_is_recorded_in_its_round():
 def test_expert_load_imbalance_is_the_mean_over_moe_layers():
     import torch
 
-    from fedmoe.model import MoEClassifier, MoEConfig
+    from fedmoe.models.moe import MoEClassifier, MoEConfig
     from fedmoe.training import freeze_inactive_experts, trained_state
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fedmoe import wire
 from fedmoe.aggregation import RobustRules
 from fedmoe.config import RunConfig
-from fedmoe.model import MoEClassifier
+from fedmoe.models.moe import MoEClassifier
 from fedmoe.training import freeze_inactive_experts, trained_state
 from server.strategy import ExpertMatched, FedAvgMoE
 

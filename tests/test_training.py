@@ -2,7 +2,7 @@
 
 import torch
 
-from fedmoe.model import MoEClassifier, MoEConfig
+from fedmoe.models.moe import MoEClassifier, MoEConfig
 from fedmoe.training import freeze_inactive_experts, make_loader, make_optimizer, routing_counts, train_epochs, trained_state
 
 

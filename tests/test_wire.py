@@ -6,7 +6,7 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 
 from fedmoe import wire
-from fedmoe.model import MoEClassifier, MoEConfig
+from fedmoe.models.moe import MoEClassifier, MoEConfig
 from fedmoe.training import freeze_inactive_experts, trained_state
 
 CFG = MoEConfig(d_model=8, expert_hidden=8, num_experts=4, top_k=2, num_moe_layers=2)

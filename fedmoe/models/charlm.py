@@ -6,7 +6,7 @@ Layout of one forward pass (N sequences of T bytes, d = d_model, L = num_moe_lay
       -> L x (causal self-attention block, MoE feed-forward block)   each pre-norm, residual
       -> LayerNorm -> head [N, T, 256]   (logits for the next byte at every position)
 
-The feed-forward blocks are fedmoe.model.MoELayer on the same expert bank as the image model, so
+The feed-forward blocks are fedmoe.models.moe.MoELayer on the same expert bank as the image model, so
 DP-SGD (its grad and norm samplers), expert selection and expert-matched averaging work
 unchanged; expert ids are per layer (global id = layer * num_experts + expert). Attention is
 written with nn.Linear projections and a fixed causal mask so that Opacus instruments it as
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .model import MoEBlockConfig, MoELayer, PositionEmbedding
-from .text import VOCAB_SIZE
+from .moe import MoEBlockConfig, MoELayer, PositionEmbedding
+from ..text import VOCAB_SIZE
 
 
 

@@ -21,7 +21,7 @@ fedmoe work unchanged:
 
 Routing follows the family: softmax over all E router logits, top-k, then renormalised to sum 1
 (Mixtral always; the others when ``norm_topk_prob``). The router losses are fedmoe's per-sample ones
-(fedmoe.model.router_losses, weights aux-loss-weight and z-loss-weight), not the library's
+(fedmoe.models.moe.router_losses, weights aux-loss-weight and z-loss-weight), not the library's
 batch-pooled load-balancing loss, whose value for one sample depends on the others.
 
 ``to_hf`` writes the slices back into the family's own model class, so the result saves with
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hf_families import FAMILIES, Family, family_of
-from .model import MoEBlockConfig, RoutingStats, router_losses
+from .moe import MoEBlockConfig, RoutingStats, router_losses
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The transformers MoE families fedmoe federates, and what it checks of a model folder before
-anything is imported (run config ``hf-model`` and ``model-path``; fedmoe.hf_moe builds the models).
+anything is imported (run config ``hf-model`` and ``model-path``; fedmoe.models.hf_moe builds the models).
 
 Attribute names as transformers 5.23 spells them in each family's config class.
 """
@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .text import VOCAB_SIZE
+from ..text import VOCAB_SIZE
 
 
 @dataclass(frozen=True)
