@@ -7,7 +7,7 @@ node-config key ``state-dir``; default ``<run folder>/sites/site-<partition-id>/
 site continues its budget. A run resumed from a checkpoint keeps its run name, so its ledger.
 Everything DP relies on is drawn from a generator seeded inside the site from OS entropy
 (fedmoe.privacy.dp_generator), and every reply is checked against the release classes of
-fedmoe.wire before it leaves. Attacking sites (fedmoe.attacks) wrap this round: clients.hostile.
+fedmoe.federation.wire before it leaves. Attacking sites (fedmoe.attacks) wrap this round: clients.hostile.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedmoe import attacks, downlink, tasks, wire
-from fedmoe.compression import ErrorFeedback
+from fedmoe import attacks, tasks
+from fedmoe.federation import downlink, wire
+from fedmoe.federation.compression import ErrorFeedback
 from fedmoe.config import RunConfig
-from fedmoe.personalization import personal_keys
+from fedmoe.federation.personalization import personal_keys
 from fedmoe.results import atomic_torch_save
-from fedmoe.selection import select_active_experts
+from fedmoe.federation.selection import select_active_experts
 from fedmoe.training import (
     evaluate as evaluate_model,
     freeze_inactive_experts,
@@ -48,7 +49,7 @@ LEDGER_FILE = "privacy_ledger.json"
 PERSONAL_STATE = "personal-parts"
 RESIDUAL_STATE = "compression-residual"  # error feedback of update-compression
 PERSONAL_FILE = "personal.pt"
-MODEL_CACHE = "model-cache"  # the global model the site holds (fedmoe.downlink)
+MODEL_CACHE = "model-cache"  # the global model the site holds (fedmoe.federation.downlink)
 MODEL_CACHE_VERSION = "model-cache-version"
 
 
@@ -56,7 +57,7 @@ def answer(msg: Message, context: Context, handler) -> Message:
     """Reply with ``handler(msg, context, cfg, site, model, site tensors)`` run on the message's
     model. Every reply says which model version the site now holds; a sparse downlink message the
     site cannot complete is answered with model-cache-miss instead. Nothing leaves that the
-    release classes of fedmoe.wire do not allow."""
+    release classes of fedmoe.federation.wire do not allow."""
     cfg = RunConfig.from_run_config(context.run_config)
     site = int(context.node_config["partition-id"])
     model = tasks.build_model(cfg)
@@ -76,7 +77,7 @@ def answer(msg: Message, context: Context, handler) -> Message:
 
 def receive_model(msg: Message, context: Context, model: nn.Module) -> int:
     """Load the message's model into ``model``, completing a sparse message from the copy the
-    site keeps in Context.state (fedmoe.downlink), and keep the result; returns its version."""
+    site keeps in Context.state (fedmoe.federation.downlink), and keep the result; returns its version."""
     config = msg.content[wire.CONFIG]
     base = int(config.get(wire.BASE_VERSION, downlink.WHOLE_MODEL))
     cached, cached_version = None, downlink.WHOLE_MODEL
@@ -108,7 +109,7 @@ def state_folder(msg: Message, context: Context, site: int) -> Path:
 
 
 def restore_personal(cfg: RunConfig, context: Context, model: nn.Module, folder: Path) -> None:
-    """Put the site's personal parts (fedmoe.personalization) over the global ones: from
+    """Put the site's personal parts (fedmoe.federation.personalization) over the global ones: from
     Context.state, or after a restart from its state folder; in its first round it starts from
     the global values."""
     if not personal_keys(model.state_dict(), cfg.personalize):
@@ -225,7 +226,7 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
 def compress_update(context: Context, trained: dict[str, torch.Tensor], received: dict[str, np.ndarray],
                     method: str) -> dict[str, np.ndarray]:
     """The update (trained - received), compressed; what the compression lost is owed next round
-    and kept in the node state (fedmoe.compression)."""
+    and kept in the node state (fedmoe.federation.compression)."""
     residual = wire.to_numpy(context.state[RESIDUAL_STATE]) if RESIDUAL_STATE in context.state else None
     feedback = ErrorFeedback(residual)
     payload = feedback.compress({k: v.numpy() for k, v in trained.items()}, received, method)

@@ -10,7 +10,8 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from torch import nn
 
-from fedmoe import attacks, wire
+from fedmoe import attacks
+from fedmoe.federation import wire
 from fedmoe.config import RunConfig
 from fedmoe.training import make_loader, make_optimizer, round_seed, train_epochs
 

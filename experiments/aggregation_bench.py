@@ -24,7 +24,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmoe import wire
+from fedmoe.federation import wire
 from fedmoe.config import RunConfig
 from fedmoe.models.moe import MoEClassifier
 from server.strategy import ExpertMatched, FedAvgMoE

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .aggregation import RobustRules
+from .federation.aggregation import RobustRules
 from .models.hf_families import FAMILIES, model_path_problems
-from .server_optimizers import SERVER_OPTIMIZERS
+from .federation.server_optimizers import SERVER_OPTIMIZERS
 
 if TYPE_CHECKING:  # torch stays unimported until a model is built: a bad config fails in well under a second
     from .models.moe import MoEConfig
-    from .server_optimizers import ServerOptimizer
+    from .federation.server_optimizers import ServerOptimizer
 
 
 class ConfigError(ValueError):
@@ -84,7 +84,7 @@ def _site_list(value: str) -> str | None:
 
 
 def _personal_parts(value: str) -> str | None:
-    from .personalization import parse_parts
+    from .federation.personalization import parse_parts
 
     try:
         parse_parts(value)
@@ -112,7 +112,7 @@ class RunConfig:
     strategy: str = _key("expert-matched", _choice("expert-matched", "fedavg"),
                          "expert-matched: sites train and send their active experts; fedavg: Flower's FedAvg, every expert trained and sent")
     sparse_downlink: bool = _key(True, None, "send each site only the tensors changed since the model version it holds")
-    # Robust aggregation (expert-matched; fedmoe.aggregation.RobustRules) and reply validation
+    # Robust aggregation (expert-matched; fedmoe.federation.aggregation.RobustRules) and reply validation
     aggregation: str = _key("mean", _choice("mean", "trimmed-mean", "median"), "how each expert (and the shared tensors) combines the sites' updates")
     trim_fraction: float = _key(0.2, _in_range(0.0, 0.49), "aggregation=trimmed-mean: share of largest and of smallest values dropped per coordinate")
     update_norm_bound: float = _key(0.0, _at_least(0.0), "clip each site's update to each expert (and to the shared tensors) to this L2 norm (0: off)")
@@ -121,24 +121,24 @@ class RunConfig:
     outlier_min_contributors: int = _key(3, _at_least(2), "outlier tests run on experts with at least this many updates")
     max_update_norm: float = _key(0.0, _at_least(0.0), "reject a whole reply whose update (all its tensors) has a larger L2 norm (0: off)")
     update_compression: str = _key("none", _choice("none", "fp16", "int8"), "sites send their update compressed "
-                                   "(fedmoe.compression: fp16, or int8 with a scale per row), with error feedback")
+                                   "(fedmoe.federation.compression: fp16, or int8 with a scale per row), with error feedback")
     downlink_compression: str = _key("none", _choice("none", "fp16", "int8"), "the server sends each changed tensor as a "
-                                     "compressed step of the model the sites hold (fedmoe.downlink; needs sparse-downlink)")
-    # Server optimizer on the aggregated pseudo-gradient (fedmoe.server_optimizers)
+                                     "compressed step of the model the sites hold (fedmoe.federation.downlink; needs sparse-downlink)")
+    # Server optimizer on the aggregated pseudo-gradient (fedmoe.federation.server_optimizers)
     server_optimizer: str = _key("none", _choice(*SERVER_OPTIMIZERS), "none: the average is the new model; fedavgm, fedadam, fedyogi: Reddi et al. 2021, per tensor")
     server_learning_rate: float = _key(1.0, _positive, "server step size η")
     server_momentum: float = _key(0.9, _in_range(0.0, 0.999), "β1: momentum (fedavgm) or first-moment decay (fedadam, fedyogi)")
     server_beta2: float = _key(0.99, _in_range(0.0, 0.9999), "β2: second-moment decay (fedadam, fedyogi)")
     server_tau: float = _key(1e-3, _positive, "τ: adaptivity floor of fedadam and fedyogi")
     site_registry: str = _key("", None, "JSON file {site: node id}: only that node may speak for that site "
-                              "(fedmoe.site_binding); empty: a site is bound to the first node that claims it")
+                              "(fedmoe.federation.site_binding); empty: a site is bound to the first node that claims it")
     # Hostile sites, for experiments (fedmoe.attacks)
     attack: str = _key("none", _choice("none", "scale", "sign-flip", "backdoor"), "what the sites in attack-sites do instead of honest training")
     attack_sites: str = _key("", _site_list, "comma-separated partition ids of the attacking sites")
     attack_scale: float = _key(10.0, _positive, "factor on an attacker's update (scale, backdoor) or its negation (sign-flip)")
     attack_target_label: int = _key(0, _in_range(0, 9), "label a backdoor trigger should produce")
     attack_expert: int = _key(-1, _at_least(-1), "global expert id the scale attack targets (-1: the attacker's least-used expert outside its active set)")
-    # Personal parts each site keeps and never sends (fedmoe.personalization)
+    # Personal parts each site keeps and never sends (fedmoe.federation.personalization)
     personalize: str = _key("none", _personal_parts, "none, or parts each site keeps for itself: head, router (comma-separated)")
     # Local training
     local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
@@ -300,7 +300,7 @@ class RunConfig:
         )
 
     def server_optimizer_state(self) -> ServerOptimizer | None:
-        from .server_optimizers import ServerOptimizer
+        from .federation.server_optimizers import ServerOptimizer
 
         if self.server_optimizer == "none":
             return None
@@ -336,7 +336,7 @@ def launch_config(config: Mapping[str, Any]) -> dict[str, Any]:
             if not folder.is_dir():
                 problems.append(f"run config '{key}': no such folder, got {str(folder)!r}")
     if config.get("site-registry"):
-        from .site_binding import read_registry
+        from .federation.site_binding import read_registry
 
         config["site-registry"] = str(Path(str(config["site-registry"])).expanduser().resolve())
         try:

@@ -32,7 +32,7 @@ BUGS = [
      'torch.einsum("ntq,nsq->nts", g, g)).sum(dim=(1, 2))', 'torch.einsum("ntq,nsq->nts", g, g)).sum(dim=(1, 2)) / 4'),
     ("experts weighted by 1 instead of their routed counts", "server/strategy.py",
      "{e: float(r.expert_counts[e]) for e in r.active_experts}", "{e: 1.0 for e in r.active_experts}"),
-    ("the robust rules ignore the weights", "fedmoe/aggregation.py",
+    ("the robust rules ignore the weights", "fedmoe/federation/aggregation.py",
      "w = np.asarray(weights, dtype=np.float64)[keep]", "w = np.ones(len(weights))[keep]"),
 ]
 

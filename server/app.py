@@ -12,12 +12,13 @@ from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedmoe import tasks, wire
+from fedmoe import tasks
+from fedmoe.federation import wire
 from fedmoe.config import RunConfig
-from fedmoe.personalization import personal_keys
+from fedmoe.federation.personalization import personal_keys
 from fedmoe.plots import plot_learning_curve, plot_utilisation, utilisation_panels
 from fedmoe.results import RunRecorder, end_status, log_to_file, rounds_without_updates, state_sha256
-from fedmoe.site_binding import SiteBinding, read_registry
+from fedmoe.federation.site_binding import SiteBinding, read_registry
 from fedmoe.training import evaluate
 
 from .strategy import ExpertMatched, FedAvgMoE, RoundStats

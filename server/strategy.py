@@ -10,12 +10,12 @@ With x_i the tensors site i sent, n_i its examples and c_ie the tokens it routed
         expert e         x_e <- sum_{i in R_e} c_ie x_ie / sum_{i in R_e} c_ie,  R_e = sites that sent e
         untrained expert x_e unchanged, bit for bit
     then, with server-optimizer set, each tensor some site sent moves along x̄ - x by FedAvgM,
-    FedAdam or FedYogi (fedmoe.server_optimizers); the others stay bit-identical
+    FedAdam or FedYogi (fedmoe.federation.server_optimizers); the others stay bit-identical
 
-With sparse downlink (fedmoe.downlink) each node is sent only the tensors that changed since
+With sparse downlink (fedmoe.federation.downlink) each node is sent only the tensors that changed since
 the model version it last reported holding; a node the server knows nothing of gets the whole model.
 
-Replies that fail validation (``fedmoe.wire.decode_train_reply``) are dropped with the reason
+Replies that fail validation (``fedmoe.federation.wire.decode_train_reply``) are dropped with the reason
 logged and counted; the round goes on with the rest.
 """
 
@@ -33,11 +33,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedmoe import wire
-from fedmoe.aggregation import RobustRules, SiteUpdate, expert_matched_average, load_coefficient_of_variation
-from fedmoe.downlink import WHOLE_MODEL, CompressedBroadcast, ModelVersions
-from fedmoe.server_optimizers import ServerOptimizer
-from fedmoe.site_binding import SiteBinding
+from fedmoe.federation import wire
+from fedmoe.federation.aggregation import RobustRules, SiteUpdate, expert_matched_average, load_coefficient_of_variation
+from fedmoe.federation.downlink import WHOLE_MODEL, CompressedBroadcast, ModelVersions
+from fedmoe.federation.server_optimizers import ServerOptimizer
+from fedmoe.federation.site_binding import SiteBinding
 
 
 @dataclass
@@ -98,20 +98,20 @@ class FedAvgMoE(FedAvg):
     max_update_norm : float
         Reject a reply whose whole update has a larger L2 norm (0: no bound).
     server_optimizer : ServerOptimizer | None
-        Moves the average along its pseudo-gradient (fedmoe.server_optimizers); None: the
+        Moves the average along its pseudo-gradient (fedmoe.federation.server_optimizers); None: the
         average is the new model.
     personal : frozenset[str]
-        Tensors the sites keep (fedmoe.personalization): never in a valid reply, never aggregated.
+        Tensors the sites keep (fedmoe.federation.personalization): never in a valid reply, never aggregated.
     frozen : frozenset[str]
         Tensors no site trains (the model's frozen_parameters, e.g. base weights under LoRA):
         likewise never in a valid reply, never aggregated.
     site_binding : SiteBinding | None
-        Which node may speak for which site (fedmoe.site_binding); None: bound on first use.
+        Which node may speak for which site (fedmoe.federation.site_binding); None: bound on first use.
     compression : str
-        How sites encode their updates (fedmoe.compression): decoded before validation.
+        How sites encode their updates (fedmoe.federation.compression): decoded before validation.
     downlink_compression : str
         none, fp16 or int8: nodes get compressed steps of the broadcast model
-        (fedmoe.downlink.CompressedBroadcast); needs sparse_downlink.
+        (fedmoe.federation.downlink.CompressedBroadcast); needs sparse_downlink.
     **kwargs
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
@@ -345,7 +345,7 @@ class FedAvgMoE(FedAvg):
 
 class ExpertMatched(FedAvgMoE):
     """FedAvg's sampling and messaging with expert-matched aggregation of sparse replies, under
-    optional robust rules (fedmoe.aggregation.RobustRules) per expert and for the shared tensors."""
+    optional robust rules (fedmoe.federation.aggregation.RobustRules) per expert and for the shared tensors."""
 
     def __init__(self, num_experts: int, rules: RobustRules = RobustRules(), **kwargs) -> None:
         super().__init__(num_experts, **kwargs)

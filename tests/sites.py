@@ -5,7 +5,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from fedmoe import wire
+from fedmoe.federation import wire
 from fedmoe.config import RunConfig
 from fedmoe.data import DEBIAN_DIR
 from fedmoe.models.moe import MoEClassifier

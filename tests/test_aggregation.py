@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedmoe.aggregation import RobustRules, SiteUpdate, expert_matched_average, load_coefficient_of_variation, weighted_mean
+from fedmoe.federation.aggregation import RobustRules, SiteUpdate, expert_matched_average, load_coefficient_of_variation, weighted_mean
 
 
 def expert_of(key):

@@ -10,7 +10,8 @@ from opacus.accountants import RDPAccountant
 from torch.utils.data import TensorDataset
 
 from clients.app import app as client_app
-from fedmoe import privacy, tasks, wire
+from fedmoe import privacy, tasks
+from fedmoe.federation import wire
 from fedmoe.config import RunConfig
 from fedmoe.models.moe import MoEClassifier
 from fedmoe.training import freeze_inactive_experts, make_optimizer

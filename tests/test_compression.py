@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from clients.app import app as client_app
-from fedmoe import compression, wire
-from fedmoe.compression import ErrorFeedback, MalformedPayload, decode, encode
+from fedmoe.federation import compression, wire
+from fedmoe.federation.compression import ErrorFeedback, MalformedPayload, decode, encode
 from fedmoe.config import RunConfig
 from tests.sites import context, global_model, message, needs_fmnist, run_config, server_identity  # noqa: F401
 

@@ -1,9 +1,9 @@
-"""Sparse downlink bookkeeping on hand-made cases (fedmoe.downlink)."""
+"""Sparse downlink bookkeeping on hand-made cases (fedmoe.federation.downlink)."""
 
 import numpy as np
 import pytest
 
-from fedmoe.downlink import WHOLE_MODEL, CacheMiss, ModelVersions, complete
+from fedmoe.federation.downlink import WHOLE_MODEL, CacheMiss, ModelVersions, complete
 
 
 def arrays(**values):
@@ -65,7 +65,7 @@ def half_steps(delta):
 
 
 def test_a_compressed_step_brings_a_site_to_the_servers_broadcast_model_bit_for_bit():
-    from fedmoe.downlink import CompressedBroadcast
+    from fedmoe.federation.downlink import CompressedBroadcast
 
     rng = np.random.default_rng(0)
     versions = ModelVersions(0)

@@ -12,7 +12,8 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
 transformers = pytest.importorskip("transformers")
 
-from fedmoe import privacy, wire  # noqa: E402
+from fedmoe import privacy  # noqa: E402
+from fedmoe.federation import wire  # noqa: E402
 from fedmoe.models import hf_moe  # noqa: E402
 from fedmoe.config import ConfigError, launch_config  # noqa: E402
 from fedmoe.models.hf_families import FAMILIES  # noqa: E402

@@ -1,4 +1,4 @@
-"""Personal parts (fedmoe.personalization): which tensors they are, that they never leave a site,
+"""Personal parts (fedmoe.federation.personalization): which tensors they are, that they never leave a site,
 that the server neither expects nor aggregates them, and that a restarted site gets them back."""
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 from flwr.app import MessageType
 
 from clients.app import PERSONAL_FILE, app as client_app
-from fedmoe import personalization, wire
-from fedmoe.aggregation import RobustRules
+from fedmoe.federation import personalization, wire
+from fedmoe.federation.aggregation import RobustRules
 from fedmoe.models.charlm import CharLMConfig, CharMoETransformer
 from fedmoe.config import ConfigError, RunConfig
 from fedmoe.models.moe import MoEClassifier, MoEConfig

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedmoe.selection import select_active_experts
+from fedmoe.federation.selection import select_active_experts
 
 
 def test_threshold_and_top_m():

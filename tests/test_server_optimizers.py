@@ -1,4 +1,4 @@
-"""Server optimizers (fedmoe.server_optimizers) on hand-computed steps; untouched tensors stay
+"""Server optimizers (fedmoe.federation.server_optimizers) on hand-computed steps; untouched tensors stay
 bit-identical and their moments still; through the strategy and a checkpoint."""
 
 import math
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedmoe import wire
-from fedmoe.server_optimizers import ServerOptimizer
+from fedmoe.federation import wire
+from fedmoe.federation.server_optimizers import ServerOptimizer
 from server.strategy import ExpertMatched
 from tests.test_strategy import strategy
 from tests.test_strategy_robustness import CFG, GLOBAL, reply, task_identity  # noqa: F401

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from fedmoe import results as results_module, wire
+from fedmoe import results as results_module
+from fedmoe.federation import wire
 from fedmoe.config import RunConfig
 from fedmoe.models.moe import ExpertBank, MoEClassifier
 

@@ -1,4 +1,4 @@
-"""A reply counts only from the node bound to the site it names (fedmoe.site_binding), in the
+"""A reply counts only from the node bound to the site it names (fedmoe.federation.site_binding), in the
 strategy too: a node claiming another site's id is rejected and its update never averaged."""
 
 import json
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from fedmoe import wire
-from fedmoe.site_binding import SiteBinding, read_registry
+from fedmoe.federation import wire
+from fedmoe.federation.site_binding import SiteBinding, read_registry
 from tests.test_strategy import evaluate_reply, holding, strategy, task_identity  # noqa: F401 (fixture)
 from tests.test_strategy_robustness import GLOBAL, reply
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from fedmoe import wire
-from fedmoe.downlink import WHOLE_MODEL
+from fedmoe.federation import wire
+from fedmoe.federation.downlink import WHOLE_MODEL
 from server.strategy import ExpertMatched, FedAvgMoE
 from tests.test_strategy_robustness import CFG, GLOBAL, reply
 
@@ -205,7 +205,7 @@ def test_one_bad_reply_does_not_stop_the_others_being_read():
 
 
 def test_what_the_robust_rules_drop_is_recorded_in_its_round():
-    from fedmoe.aggregation import RobustRules
+    from fedmoe.federation.aggregation import RobustRules
 
     s = strategy(rules=RobustRules(outlier_mad=3.5, min_contributors=3))
     s.global_arrays = dict(GLOBAL)

@@ -8,8 +8,8 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, Re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmoe import wire
-from fedmoe.aggregation import RobustRules
+from fedmoe.federation import wire
+from fedmoe.federation.aggregation import RobustRules
 from fedmoe.config import RunConfig
 from fedmoe.models.moe import MoEClassifier
 from fedmoe.training import freeze_inactive_experts, trained_state

@@ -9,7 +9,7 @@ import torch
 from flwr.app import MessageType
 
 from clients.app import app as client_app
-from fedmoe import wire
+from fedmoe.federation import wire
 from fedmoe.config import RunConfig
 from fedmoe.training import MoELoss, freeze_inactive_experts, round_seed
 from tests.sites import context, global_model, message, needs_fmnist, reply_arrays, run_config, server_identity  # noqa: F401

@@ -5,7 +5,7 @@ import pytest
 import torch
 from flwr.app import MetricRecord, RecordDict
 
-from fedmoe import wire
+from fedmoe.federation import wire
 from fedmoe.models.moe import MoEClassifier, MoEConfig
 from fedmoe.training import freeze_inactive_experts, trained_state
 
@@ -115,7 +115,7 @@ def test_release_violations_name_unclassified_and_not_private_fields(model):
     del content.metric_records[wire.METRICS][wire.TRAIN_LOSS]
     assert wire.release_violations(content, dp=True) == []
     content.metric_records[wire.METRICS]["gradient-norm"] = 1.0
-    assert wire.release_violations(content, dp=False) == ["'metrics/gradient-norm' has no release class (fedmoe.wire.RELEASES)"]
+    assert wire.release_violations(content, dp=False) == ["'metrics/gradient-norm' has no release class (fedmoe.federation.wire.RELEASES)"]
     evaluation = wire.encode_evaluate_reply(2, 50, 0.75, 0.6, 2.5)
     problems = wire.release_violations(evaluation, dp=True)
     assert len(problems) == 3 and all(p.endswith("is not sent under DP unless dp-site-evaluation=true") for p in problems)

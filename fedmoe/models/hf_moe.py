@@ -16,7 +16,7 @@ fedmoe work unchanged:
   * Opacus sees batch-first modules: the router is an ``nn.Linear`` on [N, S, H], the bank has
     its own grad and norm samplers (fedmoe.privacy), attention and embeddings are stock;
   * a reply carries exactly the active experts' slices, keyed ``moe_layers.{l}.experts.gate_up_{e}``
-    (fedmoe.wire.expert_id), plus the shared tensors (attention, norms, embeddings, router, shared
+    (fedmoe.federation.wire.expert_id), plus the shared tensors (attention, norms, embeddings, router, shared
     expert), and the server averages each slice over the sites that trained it.
 
 Routing follows the family: softmax over all E router logits, top-k, then renormalised to sum 1

@@ -13,7 +13,7 @@ experts) and the metrics hold:
   bytes           int, size of the ArrayRecord the site sent (the server measures what it received)
   epsilon         float, the site's epsilon so far (dp only; with a "privacy" ConfigRecord
                   holding its ledger as JSON)
-  model-version   int, the version of the global model the site now holds (fedmoe.downlink)
+  model-version   int, the version of the global model the site now holds (fedmoe.federation.downlink)
 A site whose privacy budget would be exceeded replies RecordDict{"status": ConfigRecord} with
 status "budget-exhausted" instead, and a site that cannot complete a sparse downlink message
 status "model-cache-miss". The server sends ConfigRecord{"server-round", "run-dir",
@@ -49,7 +49,7 @@ BUDGET_EXHAUSTED = "budget-exhausted"
 MODEL_CACHE_MISS = "model-cache-miss"
 MODEL_VERSION = "model-version"
 BASE_VERSION = "base-version"
-DOWNLINK_ENCODING = "downlink-encoding"  # fedmoe.downlink: none, or the compressed step's method
+DOWNLINK_ENCODING = "downlink-encoding"  # fedmoe.federation.downlink: none, or the compressed step's method
 
 NUM_EXAMPLES = "num-examples"
 SITE = "partition-id"
@@ -213,10 +213,10 @@ def decode_train_reply(
     """Parse and validate a train reply against the current global model; raise InvalidReply
     (or BudgetExhausted / ModelCacheMiss for a site that did not train). With max_update_norm > 0,
     a reply whose update (all its tensors minus the global ones) has a larger L2 norm is invalid.
-    Tensors in ``personal`` (fedmoe.personalization) stay at the sites and tensors in ``frozen`` (the
+    Tensors in ``personal`` (fedmoe.federation.personalization) stay at the sites and tensors in ``frozen`` (the
     model's frozen_parameters, e.g. the base weights under LoRA) are trained by no one: a reply
     carrying one is invalid.
-    With ``compression`` fp16 or int8 the tensors are compressed updates (fedmoe.compression),
+    With ``compression`` fp16 or int8 the tensors are compressed updates (fedmoe.federation.compression),
     decoded against the global model first; every check then applies to the decoded tensors."""
     raise_for_status(content)
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
@@ -392,7 +392,7 @@ def release_violations(content: RecordDict, dp: bool, opted_in: frozenset[str] =
         for key in record.keys():
             release = release_of(name, key, isinstance(record, ArrayRecord))
             if release is None:
-                problems.append(f"'{name}/{key}' has no release class (fedmoe.wire.RELEASES)")
+                problems.append(f"'{name}/{key}' has no release class (fedmoe.federation.wire.RELEASES)")
             elif dp and release.kind == NOT_PRIVATE and release.opt_in not in opted_in:
                 allowed = f" unless {release.opt_in}=true" if release.opt_in else ""
                 problems.append(f"'{name}/{key}' is not private ({release.why}) and is not sent under DP{allowed}")

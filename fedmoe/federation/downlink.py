@@ -14,7 +14,7 @@ version, so its next message carries the whole model.
 
 Compressed downlink (run config ``downlink-compression=fp16|int8``, ``CompressedBroadcast``): the
 sites then hold B, the broadcast model, rather than the global model G. When G reaches version v,
-every tensor that changed moves B by the compressed difference (fedmoe.compression):
+every tensor that changed moves B by the compressed difference (fedmoe.federation.compression):
 B_v = B_prev + decode(encode(G_v - B_prev)); what rounding loses stays in G - B and goes out with
 the tensor's next change. A node holding B_prev (``base-version`` = prev) gets that compressed
 step (``downlink-encoding`` = the method); any other node gets the tensors of B_v it lacks in
