@@ -40,9 +40,10 @@ def verdicts() -> dict[str, str]:
 
 
 def module_of(mutant: str) -> str:
-    """'fedmoe.privacy.xǁPrivacyLedgerǁcharge__mutmut_3' -> 'fedmoe/privacy.py'."""
+    """'fedmoe.privacy.accounting.xǁPrivacyLedgerǁcharge__mutmut_3' -> 'fedmoe/privacy/accounting.py'."""
     parts = mutant.split(".")
-    return "/".join(parts[:2]) + ".py"
+    function_at = next(i for i, part in enumerate(parts) if part.startswith("x"))
+    return "/".join(parts[:function_at]) + ".py"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,13 +22,13 @@ FAST_TESTS = ["tests/test_privacy.py", "tests/test_client_privacy.py", "tests/te
               "tests/test_strategy_robustness.py", "tests/test_threat_model.py", "tests/test_audit_unit.py"]
 
 BUGS = [
-    ("the ledger history is not restored into the accountant", "fedmoe/privacy.py",
+    ("the ledger history is not restored into the accountant", "fedmoe/privacy/dp_sgd.py",
      "    engine.accountant.history = list(ledger.history)\n", ""),
     ("the count release is not charged", "clients/app.py",
      "        ledger.charge([count_release])\n", ""),
-    ("the count noise is multiplied by 0", "fedmoe/privacy.py",
+    ("the count noise is multiplied by 0", "fedmoe/privacy/accounting.py",
      "counts + noise * noise_multiplier * sensitivity", "counts + noise * 0 * noise_multiplier * sensitivity"),
-    ("the Gram form of the ghost norm returns a quarter of the squared norm", "fedmoe/privacy.py",
+    ("the Gram form of the ghost norm returns a quarter of the squared norm", "fedmoe/privacy/samplers.py",
      'torch.einsum("ntq,nsq->nts", g, g)).sum(dim=(1, 2))', 'torch.einsum("ntq,nsq->nts", g, g)).sum(dim=(1, 2)) / 4'),
     ("experts weighted by 1 instead of their routed counts", "server/strategy.py",
      "{e: float(r.expert_counts[e]) for e in r.active_experts}", "{e: 1.0 for e in r.active_experts}"),

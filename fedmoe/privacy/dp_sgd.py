@@ -1,0 +1,74 @@
+"""One round of DP-SGD at a site: Opacus' PrivacyEngine on the site's trainable parameters,
+Poisson sampling, physical batches, the ledger's history carried through the accountant."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .accounting import ACCOUNTANT, PrivacyLedger
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Batches per epoch; Opacus' Poisson loader keeps this length with sample rate 1/length."""
+    return max(1, math.ceil(num_examples / batch_size))
+
+
+def train_private(
+    model: torch.nn.Module, dataset: Dataset, batch_size: int, optimizer: torch.optim.Optimizer,
+    epochs: int, ledger: PrivacyLedger, max_grad_norm: float, mode: str, generator: torch.Generator,
+    max_physical_batch_size: int = 0,
+) -> float:
+    """DP-SGD on ``model``'s trainable parameters; the accountant starts from the ledger's history
+    and the ledger takes the updated history. Returns the mean loss (which stays at the site).
+
+    Poisson sampling at rate 1 / ceil(len(dataset) / batch_size), as the accountant assumes;
+    ``batch_size`` is the expected logical batch, which Opacus' BatchMemoryManager cuts into
+    physical batches of at most ``max_physical_batch_size`` examples (0: no limit) whose clipped
+    gradients it sums before one noisy step, so memory does not limit the batch size.
+    ``generator`` (``dp_generator``) draws both the sampling masks (Opacus' Poisson loader takes
+    the generator of the loader it wraps) and the noise, which is drawn as Opacus' secure mode
+    draws it (a sum of four Gaussians) to blunt floating-point attacks on Gaussian sampling.
+    """
+    from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    from ..training import MoELoss, train_epochs
+
+    model.train()
+    loader = DataLoader(dataset, batch_size=batch_size, generator=generator)
+    with warnings.catch_warnings():
+        # "Secure RNG turned off" speaks of Opacus' own CSPRNG (torchcsprng); our noise comes from
+        # the site's secret generator, drawn in secure mode below, and the README says so
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=ACCOUNTANT)
+    engine.accountant.history = list(ledger.history)
+    wrapped = engine.make_private(
+        module=model, optimizer=optimizer, criterion=MoELoss(), data_loader=loader,
+        noise_multiplier=ledger.noise_multiplier, max_grad_norm=max_grad_norm,
+        grad_sample_mode=mode, poisson_sampling=True, noise_generator=generator,
+    )
+    if mode == "ghost":
+        private_model, private_optimizer, criterion, private_loader = wrapped
+    else:
+        (private_model, private_optimizer, private_loader), criterion = wrapped, MoELoss()
+    # PrivacyEngine(secure_mode=True) would also need torchcsprng (not installable here); the
+    # optimizer's own flag selects only the hardened noise sampling
+    private_optimizer.secure_mode = True
+    try:
+        with warnings.catch_warnings():
+            # torch's note that a full backward hook fires on module outputs when the inputs need
+            # no gradient: ghost clipping's second backward pass does exactly that, by design
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+            if max_physical_batch_size > 0:
+                with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=max_physical_batch_size,
+                                        optimizer=private_optimizer) as physical_loader:
+                    loss = train_epochs(private_model, physical_loader, private_optimizer, epochs, criterion)
+            else:
+                loss = train_epochs(private_model, private_loader, private_optimizer, epochs, criterion)
+    finally:
+        private_model._close()  # detach Opacus' hooks; ``model`` holds the trained weights
+    ledger.history = [tuple(h) for h in engine.accountant.history]
+    return loss
