@@ -201,7 +201,8 @@ class RunConfig:
     max_grad_norm: float = _key(1.0, _positive, "per-sample gradient clipping bound")
     noise_multiplier: float = _key(0.0, _at_least(0.0), "DP-SGD noise multiplier; 0: derived once from target-epsilon and the planned steps")
     count_noise_multiplier: float = _key(60.0, _positive, "Gaussian noise on released routing counts, in units of their sensitivity")
-    dp_mode: str = _key("ghost", _choice("ghost", "hooks"), "Opacus per-sample clipping: ghost (norms only) or hooks (per-sample grads)")
+    dp_mode: str = _key("bookkeeping", _choice("bookkeeping", "ghost", "hooks"),
+                        "per-sample clipping: bookkeeping (one backward pass), Opacus ghost clipping (two) or hooks (per-sample grads)")
     dp_reproducible_noise: bool = _key(False, None, "debugging only: DP noise and sampling seeded from seed, site and round; "
                                        "the guarantee then does not hold against anyone who knows the config")
     dp_site_evaluation: bool = _key(False, None, "under DP, sites report accuracy and loss on their own test split "

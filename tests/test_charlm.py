@@ -37,7 +37,7 @@ def test_a_position_never_sees_later_bytes():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
 def test_dp_training_runs_and_keeps_frozen_experts(mode):
     torch.manual_seed(0)
     model = CharMoETransformer(SMALL)

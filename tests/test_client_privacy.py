@@ -93,7 +93,7 @@ def test_budget_guard_declines_to_train_instead_of_overspending(tmp_path):
         wire.decode_train_reply(replies[2].content, {k: v.numpy() for k, v in model.state_dict().items()}, 8)
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
 def test_frozen_experts_unchanged_after_dp_training(mode):
     cfg = RunConfig.from_run_config({"d-model": 16, "expert-hidden": 16, "num-experts": 4})
     torch.manual_seed(0)

@@ -168,7 +168,7 @@ def test_hf_inactive_slices_stay_bit_identical_through_adam_and_dp_sgd(dp):
         ledger = privacy.PrivacyLedger(site=0, target_epsilon=8.0, delta=1e-5, noise_multiplier=1.0,
                                        count_noise_multiplier=60.0, sample_rate=0.5, num_examples=24)
         privacy.train_private(model, torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), 12, optimizer, 2,
-                              ledger, 1.0, "ghost", torch.Generator().manual_seed(0))
+                              ledger, 1.0, "bookkeeping", torch.Generator().manual_seed(0))
     else:
         train_epochs(model, make_loader(tokens[:, :-1], tokens[:, 1:], 8, torch.Generator().manual_seed(0)), optimizer, 2)
     after = model.to_hf().state_dict()
@@ -355,7 +355,7 @@ def test_hf_lora_sends_adapters_and_routers_only_and_the_base_stays_bit_identica
     from fedmoe.training import make_optimizer
 
     privacy.train_private(model, torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), 12,
-                          make_optimizer("adam", model.parameters(), 0.05), 1, ledger, 1.0, "ghost",
+                          make_optimizer("adam", model.parameters(), 0.05), 1, ledger, 1.0, "bookkeeping",
                           torch.Generator().manual_seed(0))
     after = model.state_dict()
     for key in global_arrays:

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .accounting import ACCOUNTANT, PrivacyLedger
+from .bookkeeping import BookKeepingLoss
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Batches per epoch; Opacus' Poisson loader keeps this length with sample rate 1/length."""
@@ -48,10 +49,13 @@ def train_private(
     wrapped = engine.make_private(
         module=model, optimizer=optimizer, criterion=MoELoss(), data_loader=loader,
         noise_multiplier=ledger.noise_multiplier, max_grad_norm=max_grad_norm,
-        grad_sample_mode=mode, poisson_sampling=True, noise_generator=generator,
+        grad_sample_mode="ghost" if mode == "bookkeeping" else mode, poisson_sampling=True, noise_generator=generator,
     )
     if mode == "ghost":
         private_model, private_optimizer, criterion, private_loader = wrapped
+    elif mode == "bookkeeping":
+        private_model, private_optimizer, ghost_criterion, private_loader = wrapped
+        criterion = BookKeepingLoss(ghost_criterion)
     else:
         (private_model, private_optimizer, private_loader), criterion = wrapped, MoELoss()
     # PrivacyEngine(secure_mode=True) would also need torchcsprng (not installable here); the

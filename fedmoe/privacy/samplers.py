@@ -10,43 +10,39 @@ from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from ..models.hf_moe import SwiGLUExpertBank
 from ..models.moe import ExpertBank, PositionEmbedding
 
+FactorPairs = dict[torch.nn.Parameter, tuple[torch.Tensor, torch.Tensor]]
+
 # --- per-sample gradients of the expert banks ----------------------------------------------------
 #
-# Every expert tensor's per-sample gradient is an outer-product sum over the sample's token slots,
-# sum_t g_t a_t^T (a: what the tensor multiplies, g: the gradient of what it produces). Each bank
-# gives, per expert, one factor pair (a [N,T,p], g [N,T,q]) per tensor of ``expert_params(e)``;
-# the grad sampler forms the sums, the norm sampler (ghost clipping) only their norms.
+# Every expert tensor's per-sample gradient is an outer-product sum over the sample's token slots
+# routed to the expert, sum_t g_t^T a_t. Each bank gives, per expert, one factor pair of rows
+# (a [M,p], g [M,q]) over the M routed slots per tensor of ``expert_params(e)``; the pairs are laid
+# out per sample as [N, W, *] (W: the most slots any sample routed to the expert, padding zero).
+# The grad sampler forms the sums, the norm sampler (ghost clipping) only their norms, and
+# book-keeping clipping (bookkeeping.py) their clipped sum over the batch.
 
-def _gelu_expert_factors(bank: ExpertBank, x: torch.Tensor, index: torch.Tensor, backprops: torch.Tensor, e: int):
-    """(a, g) for w_in [d,h], b_in [h], w_out [h,d], b_out [d] of expert e; zero on token slots
-    not routed to e, the hidden layer computed on the routed slots only, as the forward did."""
+def _gelu_expert_factors(bank: ExpertBank, x: torch.Tensor, g_out: torch.Tensor, e: int):
+    """(a, g) rows for w_in [d,h], b_in [h], w_out [h,d], b_out [d] of expert e, from its routed
+    inputs x [M,d] and output gradients g_out [M,d]; the hidden layer recomputed as the forward did."""
     w_in, b_in, w_out, _ = bank.expert_params(e)
-    routed = index == e
-    g_out = backprops * routed.unsqueeze(-1).to(backprops.dtype)
-    pre = x[routed] @ w_in + b_in
-    hidden = x.new_zeros(*index.shape, w_in.shape[1])
-    hidden[routed] = torch.nn.functional.gelu(pre)
-    g_pre = torch.zeros_like(hidden)
-    g_pre[routed] = torch.ops.aten.gelu_backward(backprops[routed] @ w_out.T, pre)
-    ones = x.new_ones(*index.shape, 1)  # a bias multiplies 1
+    pre = x @ w_in + b_in
+    hidden = torch.nn.functional.gelu(pre)
+    g_pre = torch.ops.aten.gelu_backward(g_out @ w_out.T, pre)
+    ones = x.new_ones(len(x), 1)  # a bias multiplies 1
     return [(g_pre, x), (ones, g_pre), (g_out, hidden), (ones, g_out)]
 
 
-def _swiglu_expert_factors(bank: SwiGLUExpertBank, x: torch.Tensor, index: torch.Tensor, backprops: torch.Tensor, e: int):
-    """(a, g) for gate_up [2I,H] and down [H,I] of expert e, or with LoRA (W = W0 + s B A on input a
-    with output gradient g: dA = sum (s g B) a^T, dB = sum g (s A a)^T) for its four factors; zero
-    on token slots not routed to e."""
+def _swiglu_expert_factors(bank: SwiGLUExpertBank, x: torch.Tensor, g_out: torch.Tensor, e: int):
+    """(a, g) rows for gate_up [2I,H] and down [H,I] of expert e, or with LoRA (W = W0 + s B A on
+    input a with output gradient g: dA = sum (s g B) a^T, dB = sum g (s A a)^T) for its four factors,
+    from its routed inputs x [M,H] and output gradients g_out [M,H]."""
     gate_up, down = bank.weights(e)
-    routed = index == e
-    g_out = backprops * routed.unsqueeze(-1).to(backprops.dtype)
-    gate, up = (x[routed] @ gate_up.T).chunk(2, dim=-1)
+    gate, up = (x @ gate_up.T).chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
     silu = gate * sig
-    hidden = x.new_zeros(*index.shape, bank.intermediate)
-    hidden[routed] = silu * up
-    g_hidden = backprops[routed] @ down
-    g_pre = x.new_zeros(*index.shape, 2 * bank.intermediate)  # gradient of the gate|up pre-activation
-    g_pre[routed] = torch.cat([g_hidden * up * sig * (1 + gate * (1 - sig)), g_hidden * silu], dim=-1)
+    hidden = silu * up
+    g_hidden = g_out @ down
+    g_pre = torch.cat([g_hidden * up * sig * (1 + gate * (1 - sig)), g_hidden * silu], dim=-1)  # of gate|up
     if not bank.lora_rank:
         return [(x, g_pre), (hidden, g_out)]
     s = bank.lora_scale
@@ -58,25 +54,51 @@ def _swiglu_expert_factors(bank: SwiGLUExpertBank, x: torch.Tensor, index: torch
 EXPERT_FACTORS = {ExpertBank: _gelu_expert_factors, SwiGLUExpertBank: _swiglu_expert_factors}
 
 
-def _per_trainable_parameter(bank, activations: list[torch.Tensor], backprops: torch.Tensor, outer):
-    """{param: outer(a, g)} for every trainable tensor of the bank's experts."""
+def _per_sample_layout(routed: torch.Tensor):
+    """For a mask [N,T] of the slots routed to one expert: a function laying rows [M,*] (the routed
+    slots in row-major order, as x[routed] gives them) out as [N, W, *], W = max routed per sample."""
+    n = len(routed)
+    width = int(routed.sum(dim=1).max()) if routed.numel() else 0
+    sample, slot = routed.nonzero(as_tuple=True)
+    position = (routed.cumsum(dim=1) - 1)[sample, slot]
+
+    def lay_out(rows: torch.Tensor) -> torch.Tensor:
+        out = rows.new_zeros(n, width, rows.shape[-1])
+        out[sample, position] = rows
+        return out
+
+    return lay_out
+
+
+def expert_bank_factor_pairs(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> FactorPairs:
+    """x [N,T,d], index [N,T], backprops [N,T,d] -> {param: (a [N,W,p], g [N,W,q])} for every
+    trainable tensor of the bank's experts: its per-sample gradient is sum_w g_w^T a_w ([q, p],
+    reshaped to the parameter's shape)."""
     x, index = activations[0].to(backprops.dtype), activations[1]
     factors = EXPERT_FACTORS[type(bank)]
-    ret = {}
+    pairs = {}
     for e in range(bank.num_experts):
         params = bank.expert_params(e)
         if any(p.requires_grad for p in params):
-            pairs = factors(bank, x, index, backprops, e)
-            ret.update({p: outer(a, g) for p, (a, g) in zip(params, pairs, strict=True) if p.requires_grad})
-    return ret
+            routed = index == e
+            lay_out = _per_sample_layout(routed)
+            expert_pairs = factors(bank, x[routed], backprops[routed], e)
+            pairs.update({p: (lay_out(a), lay_out(g)) for p, (a, g) in zip(params, expert_pairs, strict=True)
+                          if p.requires_grad})
+    return pairs
 
 
-def _outer_sum_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def gram_is_cheaper(a: torch.Tensor, g: torch.Tensor) -> bool:
+    """For a [N,T,p], g [N,T,q]: whether the Gram form of the per-sample norm, N T^2 (p+q) work,
+    beats forming the per-sample sums [N,p,q], N T p q work."""
+    t, p, q = a.shape[1], a.shape[-1], g.shape[-1]
+    return t * t * (p + q) < t * p * q
+
+
+def outer_sum_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """|| sum_t a_t g_t^T ||_F per sample for a [N,T,p], g [N,T,q], without forming [N,p,q] when
     the Gram form sum_{t,s} (a_t.a_s)(g_t.g_s) is cheaper."""
-    n, t, p = a.shape
-    q = g.shape[-1]
-    if t * t * (p + q) < t * p * q:
+    if gram_is_cheaper(a, g):
         sq = (torch.einsum("ntp,nsp->nts", a, a) * torch.einsum("ntq,nsq->nts", g, g)).sum(dim=(1, 2))
     else:
         sq = torch.einsum("ntp,ntq->npq", a, g).pow(2).sum(dim=(1, 2))
@@ -86,14 +108,14 @@ def _outer_sum_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 @register_grad_sampler([ExpertBank, SwiGLUExpertBank])
 def compute_expert_bank_grad_sample(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample grads: x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N, *param.shape]}."""
-    sums = _per_trainable_parameter(bank, activations, backprops, lambda a, g: torch.einsum("ntq,ntp->nqp", g, a))
-    return {p: s.reshape(len(s), *p.shape) for p, s in sums.items()}
+    pairs = expert_bank_factor_pairs(bank, activations, backprops)
+    return {p: torch.einsum("ntq,ntp->nqp", g, a).reshape(len(a), *p.shape) for p, (a, g) in pairs.items()}
 
 
 @register_norm_sampler([ExpertBank, SwiGLUExpertBank])
 def compute_expert_bank_norm_sample(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample grad norms (ghost clipping): x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N]}."""
-    return _per_trainable_parameter(bank, activations, backprops, _outer_sum_norm)
+    return {p: outer_sum_norm(a, g) for p, (a, g) in expert_bank_factor_pairs(bank, activations, backprops).items()}
 
 
 @register_grad_sampler(PositionEmbedding)

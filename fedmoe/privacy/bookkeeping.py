@@ -1,0 +1,153 @@
+"""Book-keeping clipping (Bu, Wang, Zha, Karypis, ICML 2023): DP-SGD's clipped gradient sum from
+one backward pass.
+
+Opacus' ghost clipping runs backward twice: the first pass gives each sample's gradient norm
+||grad_n|| from the layers' inputs and output gradients, the second differentiates the loss
+re-weighted by c_n = min(1, C / (||grad_n|| + 1e-6)) to get sum_n c_n grad_n. For a layer whose
+per-sample gradient is a sum of outer products over the sample's positions, grad_n = sum_t
+g_nt^T a_nt (a linear layer, an expert of the bank, a LoRA factor), the clipped sum is one matrix
+product of factors the first pass already had:
+
+    sum_n c_n grad_n = (c * g)^T a        over all (n, t), with g scaled per sample.
+
+So the first pass keeps those factor pairs (FACTOR_RULES) where the Gram form of the norm is the
+cheaper one (few positions T against the layer's widths), and otherwise the per-sample gradients
+[N, q, p] it formed for the norm (summing those is T times cheaper than the factor product); for
+the small layers without a rule (norms, embeddings, ...) it keeps the per-sample gradients
+Opacus' grad samplers compute for their norms anyway; after it, ``BookKeeping.write_clipped_sums`` puts sum_n c_n grad_n into every
+trainable parameter's ``.grad`` — what Opacus' second pass would have left there — and
+DPOptimizerFastGradientClipping adds the noise exactly as under ghost clipping. Autograd's own
+(unclipped) parameter gradients from the single pass are overwritten, never used; a trainable
+parameter that no hook saw is an error, not a silent unclipped gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
+from opacus.utils.module_utils import trainable_modules
+from torch import nn
+
+from ..models.hf_moe import SwiGLUExpertBank
+from ..models.moe import ExpertBank
+from .samplers import FactorPairs, expert_bank_factor_pairs, gram_is_cheaper, outer_sum_norm
+
+FactorRule = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], FactorPairs]
+
+
+def linear_factor_pairs(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor) -> FactorPairs:
+    """x [N,...,in], backprops [N,...,out] -> {weight: (x [N,T,in], g [N,T,out]), bias: (1 [N,T,1], g)}."""
+    a, g = (t.unsqueeze(1) if t.dim() == 2 else t.flatten(1, -2) for t in (activations[0].to(backprops.dtype), backprops))
+    pairs = {}
+    if layer.weight.requires_grad:
+        pairs[layer.weight] = (a, g)
+    if layer.bias is not None and layer.bias.requires_grad:
+        pairs[layer.bias] = (a.new_ones(*a.shape[:2], 1), g)
+    return pairs
+
+
+FACTOR_RULES: dict[type, FactorRule] = {
+    nn.Linear: linear_factor_pairs,
+    ExpertBank: expert_bank_factor_pairs,
+    SwiGLUExpertBank: expert_bank_factor_pairs,
+}
+
+
+class BookKeeping:
+    """What one backward pass keeps for the clipped sum, installed on an Opacus ghost-clipping module.
+
+    The module's norm samplers become, for layer types with a factor rule, "compute the factor
+    pairs, keep them, return their per-sample norms"; every other trainable layer type goes
+    through its Opacus grad sampler (or functorch), whose per-sample gradients are kept. Both
+    tables are set on this module instance only, so Opacus' class-wide registries do not change.
+    """
+
+    def __init__(self, module: GradSampleModuleFastGradientClipping) -> None:
+        self.module = module
+        self.factors: list[FactorPairs] = []
+        self.grad_samples: list[dict[nn.Parameter, torch.Tensor]] = []
+        norm_samplers, grad_samplers = {}, dict(module.GRAD_SAMPLERS)
+        for _, layer in trainable_modules(module._module):
+            kind = type(layer)
+            if kind in FACTOR_RULES:
+                norm_samplers[kind] = self._keeping_factors(FACTOR_RULES[kind])
+            else:
+                grad_samplers[kind] = self._keeping_grad_samples(module.GRAD_SAMPLERS.get(kind, ft_compute_per_sample_gradient))
+        module.NORM_SAMPLERS = norm_samplers
+        module.GRAD_SAMPLERS = grad_samplers
+
+    def _keeping_factors(self, rule: FactorRule):
+        def norm_sampler(layer, activations, backprops):
+            norms = {}
+            for p, (a, g) in rule(layer, activations, backprops).items():
+                if gram_is_cheaper(a, g):
+                    self.factors.append({p: (a, g)})
+                    norms[p] = outer_sum_norm(a, g)
+                else:  # the norm forms the per-sample gradients anyway: keep those, not the factors
+                    per_sample = torch.einsum("ntq,ntp->nqp", g, a)
+                    self.grad_samples.append({p: per_sample.reshape(len(per_sample), *p.shape)})
+                    norms[p] = per_sample.flatten(1).norm(dim=1)
+            return norms
+        return norm_sampler
+
+    def _keeping_grad_samples(self, grad_sampler):
+        def keeping(layer, activations, backprops):
+            grad_samples = grad_sampler(layer, activations, backprops)
+            self.grad_samples.append(grad_samples)
+            return grad_samples
+        return keeping
+
+    def write_clipped_sums(self, coefficients: torch.Tensor) -> None:
+        """p.grad = sum_n c_n grad_n for every trainable parameter, from what the pass kept;
+        coefficients [N]. Raises if a trainable parameter got nothing (it would go out unclipped)."""
+        sums: dict[nn.Parameter, torch.Tensor] = {}
+
+        def add(p: nn.Parameter, value: torch.Tensor) -> None:
+            sums[p] = sums[p] + value if p in sums else value
+
+        for pairs in self.factors:
+            for p, (a, g) in pairs.items():
+                scaled = g * coefficients.to(g.dtype).view(-1, 1, 1)
+                add(p, (scaled.flatten(0, 1).T @ a.flatten(0, 1)).reshape(p.shape).to(p.dtype))
+        for grad_samples in self.grad_samples:
+            for p, per_sample in grad_samples.items():
+                add(p, torch.einsum("n,n...->...", coefficients.to(per_sample.dtype), per_sample).to(p.dtype))
+        self.factors.clear()
+        self.grad_samples.clear()
+        trainable = [(name, p) for name, p in self.module._module.named_parameters() if p.requires_grad]
+        if len(coefficients) == 0:  # an empty Poisson batch: its step is noise only
+            sums = {p: torch.zeros_like(p) for _, p in trainable}
+        missing = [name for name, p in trainable if p not in sums]
+        if missing:
+            raise RuntimeError(f"book-keeping clipping saw no per-sample gradient for {missing}; use dp-mode=ghost")
+        for p, total in sums.items():
+            p.grad = total
+
+
+class BookKeepingLoss(DPLossFastGradientClipping):
+    """Opacus' ghost-clipping criterion whose ``loss.backward()`` runs one pass, not two."""
+
+    def __init__(self, ghost_loss: DPLossFastGradientClipping) -> None:
+        super().__init__(ghost_loss.module, ghost_loss.optimizer, ghost_loss.criterion, ghost_loss.loss_reduction)
+        self.book = BookKeeping(ghost_loss.module)
+
+    def __call__(self, *args, **kwargs) -> BookKeepingTensor:
+        loss = super().__call__(*args, **kwargs)
+        return BookKeepingTensor(self.book, loss.optimizer, loss.loss_per_sample, loss.loss_reduction)
+
+
+class BookKeepingTensor(DPTensorFastGradientClipping):
+    """The per-sample losses of one physical batch; ``backward`` leaves the clipped sum in ``.grad``."""
+
+    def __init__(self, book: BookKeeping, optimizer, loss_per_sample: torch.Tensor, loss_reduction: str) -> None:
+        super().__init__(book.module, optimizer, loss_per_sample, loss_reduction)
+        self.book = book
+
+    def backward(self) -> None:
+        reduced = self.loss_per_sample.mean() if self.loss_reduction == "mean" else self.loss_per_sample.sum()
+        reduced.backward()
+        self.book.write_clipped_sums(self.module.get_clipping_coef())

@@ -1,0 +1,109 @@
+"""Book-keeping clipping (dp-mode=bookkeeping): one backward pass leaves the same clipped sum as one
+backward per sample followed by clipping, for every layer type fedmoe trains."""
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from fedmoe import privacy
+from fedmoe.models.charlm import CharLMConfig, CharMoETransformer
+from fedmoe.models.moe import MoEClassifier, MoEConfig
+from fedmoe.training import MoELoss, freeze_inactive_experts
+
+
+def brute_force_clipped_mean(model, data, max_grad_norm_quantile=0.5):
+    """(-(1/n) sum_n min(1, C / (||g_n|| + 1e-6)) g_n by parameter name, C): g_n from one backward per
+    sample, C the given quantile of the per-sample norms so that some samples are clipped and some not."""
+    loss_fn = MoELoss()
+    grads = []
+    for x, y in data:
+        model.zero_grad()
+        loss_fn(model(x[None]), y[None]).backward()
+        grads.append({name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad})
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in sample.values())) for sample in grads])
+    c_max = float(norms.quantile(max_grad_norm_quantile))
+    factors = (c_max / (norms + 1e-6)).clamp(max=1.0)
+    assert (factors < 1).any() and (factors == 1).any()
+    mean = {name: -sum(f * sample[name] for f, sample in zip(factors, grads)) / len(grads) for name in grads[0]}
+    return mean, c_max
+
+
+def noiseless_step(model, data, mode, max_grad_norm):
+    """{name: change} after one DP-SGD step over every example (q = 1, sigma 0, SGD at lr 1)."""
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ledger = privacy.PrivacyLedger(site=0, target_epsilon=math.inf, delta=1e-5, noise_multiplier=0.0,
+                                   count_noise_multiplier=20.0, sample_rate=1.0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    privacy.train_private(model, data, len(data), optimizer, 1, ledger, max_grad_norm, mode, privacy.dp_generator())
+    return {name: p.detach() - before[name] for name, p in model.named_parameters()}
+
+
+def assert_step_is_the_clipped_mean(model, data, mode, rtol=1e-4, atol=1e-6):
+    reference = copy.deepcopy(model).train()
+    expected, max_grad_norm = brute_force_clipped_mean(reference, data)
+    changes = noiseless_step(model, data, mode, max_grad_norm)
+    for name, change in changes.items():
+        if name in expected:
+            torch.testing.assert_close(change, expected[name], rtol=rtol, atol=atol, msg=name)
+        else:
+            assert torch.equal(change, torch.zeros_like(change)), name
+
+
+@pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
+def test_image_moe_step_is_the_mean_of_clipped_per_sample_gradients(mode):
+    """Patch embedding (Linear on [N,S,p]), position embedding, LayerNorms, router, GELU expert
+    bank with random biases, head; experts 0 and 2 train."""
+    torch.manual_seed(0)
+    model = MoEClassifier(MoEConfig(d_model=12, expert_hidden=10, num_experts=4, top_k=2, router_noise=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".b_" in name:
+                p.normal_()
+    freeze_inactive_experts(model, [0, 2])
+    data = TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    assert_step_is_the_clipped_mean(model, data, mode)
+
+
+def test_charlm_step_is_the_mean_of_clipped_per_sample_gradients():
+    """Byte embedding, causal attention, two MoE layers, LM head over every position."""
+    torch.manual_seed(0)
+    model = CharMoETransformer(CharLMConfig(seq_len=12, d_model=16, num_heads=2, num_moe_layers=2, num_experts=4,
+                                            top_k=2, expert_hidden=16, router_noise=0.0))
+    freeze_inactive_experts(model, [1, 6])
+    windows = torch.randint(0, 256, (6, 13))
+    assert_step_is_the_clipped_mean(model, TensorDataset(windows[:, :-1], windows[:, 1:]), "bookkeeping")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_hf_moe_step_is_the_mean_of_clipped_per_sample_gradients(lora):
+    """transformers Qwen2-MoE: attention projections, RMSNorms (functorch per-sample gradients),
+    SwiGLU expert bank with a shared expert, and with LoRA the adapter factors of every linear."""
+    pytest.importorskip("transformers")
+    from test_hf_moe import SEQ, lora_model, stock_model, wrapped
+
+    model = (lora_model(dtype=torch.float64) if lora else wrapped(stock_model("qwen2-moe", torch.float64))).train()
+    freeze_inactive_experts(model, [1, 4])
+    tokens = torch.randint(0, 256, (5, SEQ + 1))
+    assert_step_is_the_clipped_mean(model, TensorDataset(tokens[:, :-1], tokens[:, 1:]), "bookkeeping", rtol=1e-6, atol=1e-7)
+
+
+def test_empty_poisson_batches_take_noise_only_steps():
+    """At sample rate 1/4 over 4 examples many Poisson batches are empty: each still takes its
+    step (noise only) and is charged."""
+    torch.manual_seed(0)
+    model = MoEClassifier(dataclasses.replace(MoEConfig(d_model=8, expert_hidden=8, num_experts=4), router_noise=0.0))
+    freeze_inactive_experts(model, [3])
+    data = TensorDataset(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)))
+    sizes = []
+    model.embed.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    ledger = privacy.PrivacyLedger(site=0, target_epsilon=math.inf, delta=1e-5, noise_multiplier=1.0,
+                                   count_noise_multiplier=20.0, sample_rate=0.25)
+    before = copy.deepcopy(model.state_dict())
+    privacy.train_private(model, data, 1, torch.optim.SGD(model.parameters(), lr=0.1), 5, ledger, 1.0, "bookkeeping",
+                          privacy.dp_generator(3))
+    assert 0 in sizes and ledger.history == [(1.0, 0.25, 20)]
+    assert not torch.equal(before["head.weight"], model.state_dict()["head.weight"])
