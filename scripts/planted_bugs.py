@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST_TESTS = ["tests/test_privacy.py", "tests/test_client_privacy.py", "tests/test_aggregation.py", "tests/test_wire.py",
+FAST_TESTS = ["tests/test_privacy.py", "tests/test_bookkeeping.py", "tests/test_client_privacy.py", "tests/test_aggregation.py", "tests/test_wire.py",
               "tests/test_strategy_robustness.py", "tests/test_threat_model.py", "tests/test_audit_unit.py"]
 
 BUGS = [
@@ -30,6 +30,8 @@ BUGS = [
      "counts + noise * noise_multiplier * sensitivity", "counts + noise * 0 * noise_multiplier * sensitivity"),
     ("the Gram form of the ghost norm returns a quarter of the squared norm", "fedmoe/privacy/samplers.py",
      'torch.einsum("ntq,nsq->nts", g, g)).sum(dim=(1, 2))', 'torch.einsum("ntq,nsq->nts", g, g)).sum(dim=(1, 2)) / 4'),
+    ("book-keeping clipping sums the factor products unclipped", "fedmoe/privacy/bookkeeping.py",
+     "scaled = g * coefficients.to(g.dtype).view(-1, 1, 1)", "scaled = g"),
     ("experts weighted by 1 instead of their routed counts", "server/strategy.py",
      "{e: float(r.expert_counts[e]) for e in r.active_experts}", "{e: 1.0 for e in r.active_experts}"),
     ("the robust rules ignore the weights", "fedmoe/federation/aggregation.py",
