@@ -16,9 +16,11 @@ cheaper one (few positions T against the layer's widths), and otherwise the per-
 the small layers without a rule (norms, embeddings, ...) it keeps the per-sample gradients
 Opacus' grad samplers compute for their norms anyway; after it, ``BookKeeping.write_clipped_sums`` puts sum_n c_n grad_n into every
 trainable parameter's ``.grad`` — what Opacus' second pass would have left there — and
-DPOptimizerFastGradientClipping adds the noise exactly as under ghost clipping. Autograd's own
-(unclipped) parameter gradients from the single pass are overwritten, never used; a trainable
-parameter that no hook saw is an error, not a silent unclipped gradient.
+DPOptimizerFastGradientClipping adds the noise exactly as under ghost clipping. The pass asks
+autograd for the gradients of the entry layers' parameters only (layers whose inputs need no
+gradient: the patch or token embedding), so every layer's output gradient is computed and every
+hook fires, but autograd skips the weight gradients of the other layers, which the clipped sums
+replace; a trainable parameter that no hook saw is an error, not a silent unclipped gradient.
 """
 
 from __future__ import annotations
@@ -70,15 +72,36 @@ class BookKeeping:
         self.module = module
         self.factors: list[FactorPairs] = []
         self.grad_samples: list[dict[nn.Parameter, torch.Tensor]] = []
+        self.entry_parameters: dict[nn.Parameter, None] = {}
         norm_samplers, grad_samplers = {}, dict(module.GRAD_SAMPLERS)
+        self._handles = []
         for _, layer in trainable_modules(module._module):
             kind = type(layer)
             if kind in FACTOR_RULES:
                 norm_samplers[kind] = self._keeping_factors(FACTOR_RULES[kind])
             else:
                 grad_samplers[kind] = self._keeping_grad_samples(module.GRAD_SAMPLERS.get(kind, ft_compute_per_sample_gradient))
+            self._handles.append(layer.register_forward_pre_hook(self._note_entry, with_kwargs=True))
         module.NORM_SAMPLERS = norm_samplers
         module.GRAD_SAMPLERS = grad_samplers
+
+    def _note_entry(self, layer: nn.Module, args, kwargs) -> None:
+        """A layer none of whose inputs needs a gradient starts the graph (a patch embedding, a
+        token embedding): its parameters are what the single backward pass differentiates for."""
+        inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        if torch.is_grad_enabled() and not any(t.requires_grad for t in inputs):
+            self.entry_parameters.update((p, None) for p in layer.parameters(recurse=False) if p.requires_grad)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """One backward pass that computes every layer's output gradient (so every hook fires)
+        but no parameter gradient beyond the entry layers': autograd skips the weight gradients
+        nothing asks for, and the clipped sums replace them anyway."""
+        entry, self.entry_parameters = list(self.entry_parameters), {}
+        loss.backward(inputs=entry or None)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
     def _keeping_factors(self, rule: FactorRule):
         def norm_sampler(layer, activations, backprops):
@@ -149,5 +172,5 @@ class BookKeepingTensor(DPTensorFastGradientClipping):
 
     def backward(self) -> None:
         reduced = self.loss_per_sample.mean() if self.loss_reduction == "mean" else self.loss_per_sample.sum()
-        reduced.backward()
+        self.book.backward(reduced)
         self.book.write_clipped_sums(self.module.get_clipping_coef())

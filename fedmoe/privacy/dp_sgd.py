@@ -74,5 +74,7 @@ def train_private(
                 loss = train_epochs(private_model, private_loader, private_optimizer, epochs, criterion)
     finally:
         private_model._close()  # detach Opacus' hooks; ``model`` holds the trained weights
+        if mode == "bookkeeping":
+            criterion.book.close()
     ledger.history = [tuple(h) for h in engine.accountant.history]
     return loss
