@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedmoe import attacks, tasks
+from fedmoe.config import RunConfig
 from fedmoe.federation import downlink, wire
 from fedmoe.federation.compression import ErrorFeedback
-from fedmoe.config import RunConfig
 from fedmoe.federation.personalization import personal_keys
-from fedmoe.results import atomic_torch_save
 from fedmoe.federation.selection import select_active_experts
+from fedmoe.results import atomic_torch_save, state_sha256
 from fedmoe.training import (
     evaluate as evaluate_model,
     freeze_inactive_experts,
@@ -49,7 +49,7 @@ LEDGER_FILE = "privacy_ledger.json"
 PERSONAL_STATE = "personal-parts"
 RESIDUAL_STATE = "compression-residual"  # error feedback of update-compression
 PERSONAL_FILE = "personal.pt"
-MODEL_CACHE = "model-cache"  # the global model the site holds (fedmoe.federation.downlink)
+MODEL_CACHE = "model-cache"  # the model the site holds: global, or broadcast under downlink-compression (fedmoe.federation.downlink)
 MODEL_CACHE_VERSION = "model-cache-version"
 
 
@@ -62,7 +62,7 @@ def answer(msg: Message, context: Context, handler) -> Message:
     site = int(context.node_config["partition-id"])
     model = tasks.build_model(cfg)
     try:
-        version = receive_model(msg, context, model)
+        version = receive_model(msg, context, cfg, model)
     except downlink.CacheMiss as miss:
         return Message(wire.encode_model_cache_miss(site, miss.held), reply_to=msg)
     restore_personal(cfg, context, model, state_folder(msg, context, site))
@@ -75,15 +75,21 @@ def answer(msg: Message, context: Context, handler) -> Message:
     return Message(content, reply_to=msg)
 
 
-def receive_model(msg: Message, context: Context, model: nn.Module) -> int:
+def receive_model(msg: Message, context: Context, cfg: RunConfig, model: nn.Module) -> int:
     """Load the message's model into ``model``, completing a sparse message from the copy the
-    site keeps in Context.state (fedmoe.federation.downlink), and keep the result; returns its version."""
+    site keeps in Context.state (fedmoe.federation.downlink) or, for a message that starts from
+    the initial model, from that model rebuilt out of the run config if its digest matches; keep
+    the result; returns its version."""
     config = msg.content[wire.CONFIG]
     base = int(config.get(wire.BASE_VERSION, downlink.WHOLE_MODEL))
     cached, cached_version = None, downlink.WHOLE_MODEL
     if MODEL_CACHE in context.state:
         cached = dict(context.state[MODEL_CACHE])
         cached_version = int(context.state[MODEL_CACHE_VERSION]["version"])
+    if wire.INITIAL_MODEL in config and cached_version < base:
+        initial = tasks.initial_model(cfg).state_dict()
+        if state_sha256(initial) == str(config[wire.INITIAL_MODEL]):
+            cached, cached_version = dict(wire.to_record(initial)), base
     encoding = str(config.get(wire.DOWNLINK_ENCODING, "none"))
     received = msg.content[wire.ARRAYS]
     if encoding != "none":  # a compressed step: decoded in numpy against the copy it starts from

@@ -17,7 +17,8 @@ Methods
                        classifier head (personalize=head, never sent), without and with DP; their
                        per-site accuracy is with the site's own head
   expert_matched_int8  expert_matched with int8 updates both ways (update-compression and
-                       downlink-compression int8, error feedback)
+                       downlink-compression int8, error feedback) and sites that rebuild the
+                       initial model from the run config (derive-initial-model)
 DP methods train with the preset's dp-config on top of its config (the DP recipe: batch size and
 step size tuned for DP-SGD, BENCHMARKS.md), the other methods with its config.
 The federated methods run the fedmoe app (experiments.launch, on the target); local_only and
@@ -111,7 +112,7 @@ FEDERATED = {
     "expert_matched_personal_dp": {"strategy": "expert-matched", "personalize": "head", **DP},
     "fedavg_full_moe_dp": {"strategy": "fedavg", "sparse-downlink": False, **DP},
     "expert_matched_int8": {"strategy": "expert-matched", "update-compression": "int8", "downlink-compression": "int8",
-                            "dp": False},
+                            "derive-initial-model": True, "dp": False},
 }
 IN_PROCESS = ("local_only", "centralized")
 METHODS = ("expert_matched", "fedavg_full_moe", "fedavg_dense", "local_only", "centralized",

@@ -112,6 +112,8 @@ class RunConfig:
     strategy: str = _key("expert-matched", _choice("expert-matched", "fedavg"),
                          "expert-matched: sites train and send their active experts; fedavg: Flower's FedAvg, every expert trained and sent")
     sparse_downlink: bool = _key(True, None, "send each site only the tensors changed since the model version it holds")
+    derive_initial_model: bool = _key(False, None, "with sparse-downlink: sites rebuild the initial global model from the run "
+                                      "config (its seed) and check its sha256 instead of receiving it in round 1 (a resumed run sends it)")
     # Robust aggregation (expert-matched; fedmoe.federation.aggregation.RobustRules) and reply validation
     aggregation: str = _key("mean", _choice("mean", "trimmed-mean", "median"), "how each expert (and the shared tensors) combines the sites' updates")
     trim_fraction: float = _key(0.2, _in_range(0.0, 0.49), "aggregation=trimmed-mean: share of largest and of smallest values dropped per coordinate")
@@ -254,6 +256,8 @@ class RunConfig:
         if self.strategy == "fedavg" and not self.robust_rules().plain:
             problems.append("run config 'aggregation' / 'update-norm-bound' / 'outlier-*': robust rules need "
                             "strategy=expert-matched (fedavg is Flower's FedAvg as is)")
+        if self.derive_initial_model and not self.sparse_downlink:
+            problems.append("run config 'derive-initial-model': sites skip the initial model only under sparse-downlink=true")
         if self.downlink_compression != "none" and not self.sparse_downlink:
             problems.append("run config 'downlink-compression': compressed steps go between model versions, which "
                             "needs sparse-downlink=true")

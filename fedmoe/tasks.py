@@ -198,6 +198,15 @@ def build_model(cfg: RunConfig) -> nn.Module:
     return task_of(cfg.task).build_model(cfg)
 
 
+def initial_model(cfg: RunConfig) -> nn.Module:
+    """The run's initial global model, built under the run's seed: anyone holding the run config
+    rebuilds it bit for bit (run config derive-initial-model; the digest in each message checks it).
+    The caller's random state is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg)
+
+
 @lru_cache(maxsize=4)
 def site_data(cfg: RunConfig, site: int, num_sites: int) -> Tensors:
     """The site's tensors (Task.site_data), cached per process."""

@@ -32,7 +32,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)
     torch.manual_seed(cfg.seed)
-    model = tasks.build_model(cfg)
+    model = tasks.initial_model(cfg)
     full_model_bytes = wire.to_record(model.state_dict()).count_bytes()
     test_inputs, test_targets = tasks.global_test(cfg)
     # charlm: cross-entropy per byte (nats) -> bits per character of the held-out text
@@ -92,6 +92,7 @@ def main(grid: Grid, context: Context) -> None:
             frozen=getattr(model, "frozen_parameters", frozenset()),
             compression=cfg.update_compression,
             downlink_compression=cfg.downlink_compression,
+            initial_model_sha256=state_sha256(initial_state) if cfg.derive_initial_model and not done else "",
             site_binding=SiteBinding(read_registry(cfg.site_registry) if cfg.site_registry else None),
         )
         strategy.load_state(strategy_state)

@@ -112,6 +112,10 @@ class FedAvgMoE(FedAvg):
     downlink_compression : str
         none, fp16 or int8: nodes get compressed steps of the broadcast model
         (fedmoe.federation.downlink.CompressedBroadcast); needs sparse_downlink.
+    initial_model_sha256 : str
+        Digest of the initial model when every site can rebuild it from the run config (run config
+        derive-initial-model, fresh runs): a node never heard from is then taken to hold it and
+        gets only what changed since; "" sends such a node the whole model.
     **kwargs
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
@@ -119,7 +123,8 @@ class FedAvgMoE(FedAvg):
     def __init__(self, num_experts: int, round_offset: int = 0, sparse_downlink: bool = True,
                  max_update_norm: float = 0.0, server_optimizer: ServerOptimizer | None = None,
                  personal: frozenset[str] = frozenset(), site_binding: SiteBinding | None = None, compression: str = "none",
-                 frozen: frozenset[str] = frozenset(), downlink_compression: str = "none", **kwargs) -> None:
+                 frozen: frozenset[str] = frozenset(), downlink_compression: str = "none",
+                 initial_model_sha256: str = "", **kwargs) -> None:
         super().__init__(**kwargs)
         if downlink_compression != "none" and not sparse_downlink:
             raise ValueError("downlink compression sends steps between model versions: it needs sparse_downlink")
@@ -133,7 +138,8 @@ class FedAvgMoE(FedAvg):
         self.server_optimizer = server_optimizer
         self.round_offset = round_offset
         self.sparse_downlink = sparse_downlink
-        self.versions = ModelVersions(round_offset)
+        self.initial_model_sha256 = initial_model_sha256
+        self.versions = ModelVersions(round_offset, round_offset if initial_model_sha256 else None)
         self.sampled: dict[int, list[int]] = {}
         self.global_arrays: dict[str, np.ndarray] = {}
         self.round_stats: dict[int, RoundStats] = {}
@@ -199,6 +205,8 @@ class FedAvgMoE(FedAvg):
                 record = ArrayRecord({k: arrays[k] for k in keys})
             config = ConfigRecord({**msg.content[wire.CONFIG], wire.MODEL_VERSION: self.versions.version,
                                    wire.BASE_VERSION: base, wire.DOWNLINK_ENCODING: encoding})
+            if base != WHOLE_MODEL and base == self.versions.derivable:
+                config[wire.INITIAL_MODEL] = self.initial_model_sha256
             msg.content = RecordDict({wire.ARRAYS: record, wire.CONFIG: config})
             sent += record.count_bytes()
         return sent

@@ -175,3 +175,48 @@ def test_a_compressed_downlink_keeps_server_and_site_on_one_model_and_untouched_
     assert untouched
     for k in untouched:
         assert final[k].tobytes() == initial[k].tobytes() and s.broadcast.model[k].tobytes() == initial[k].tobytes()
+
+
+@needs_fmnist
+def test_sites_rebuild_the_initial_model_from_the_run_config_and_a_wrong_digest_is_a_miss(tmp_path):
+    """derive-initial-model: round 1 carries no tensor, only the initial model's digest; the real
+    ClientApp rebuilds the model under the run's seed and trains from it. A site whose rebuilt
+    model differs (another seed) answers model-cache-miss and gets the whole model next."""
+    from flwr.app import ConfigRecord
+
+    from fedmoe import tasks
+    from fedmoe.results import state_sha256
+    from server.strategy import ExpertMatched
+    from tests.test_strategy import Grid
+
+    shape = {"num-server-rounds": 2, "max-examples-per-site": 200, "d-model": 16, "expert-hidden": 16, "dp": False,
+             "derive-initial-model": True}
+    cfg = run_config(shape, seed=3)
+    torch.manual_seed(3)  # the server's initial model, built by hand under the run's seed
+    initial = tasks.build_model(RunConfig.from_run_config(cfg)).state_dict()
+    num_experts = RunConfig.from_run_config(cfg).num_experts
+    s = ExpertMatched(num_experts=num_experts, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,
+                      initial_model_sha256=state_sha256(initial))
+    arrays = wire.to_record(initial)
+    run_dir = ConfigRecord({wire.RUN_DIR: str(tmp_path / "run")})
+    [msg] = s.configure_train(1, arrays, run_dir, Grid([1]))
+    config = msg.content[wire.CONFIG]
+    assert config[wire.BASE_VERSION] == 0 and len(msg.content[wire.ARRAYS]) == 0
+    assert config[wire.INITIAL_MODEL] == state_sha256(initial)
+    ctx = context(cfg, tmp_path / "site")
+    reply = client_app(msg, ctx)
+    assert not reply.has_error(), reply.error
+    held = wire.to_numpy(ctx.state["model-cache"])
+    assert all(np.array_equal(held[k], v.numpy()) for k, v in initial.items())
+    assert wire.decode_train_reply(reply.content, {k: v.numpy() for k, v in initial.items()}, num_experts).arrays
+
+    other = context(run_config(shape, seed=4), tmp_path / "other")
+    [msg] = s.configure_train(1, arrays, run_dir, Grid([2]))
+    miss = client_app(msg, other)
+    with pytest.raises(wire.ModelCacheMiss):
+        wire.raise_for_status(miss.content)
+    s.aggregate_train(1, [miss])
+    assert s.round_stats[1].model_cache_misses == [2]
+    [msg] = s.configure_train(2, arrays, run_dir, Grid([2]))
+    assert msg.content[wire.CONFIG][wire.BASE_VERSION] == -1 and wire.INITIAL_MODEL not in msg.content[wire.CONFIG]
+    assert len(msg.content[wire.ARRAYS]) == len(initial)

@@ -102,3 +102,16 @@ def test_a_compressed_step_brings_a_site_to_the_servers_broadcast_model_bit_for_
     assert np.all(np.abs(site["a"] - g2["a"]) <= half_steps(g2["a"] - b1["a"]) + 1e-6)
     with pytest.raises(CacheMiss):  # a step starts from exactly one version
         complete(step, 1, site, 2, "int8")
+
+
+def test_a_derivable_initial_version_is_assumed_for_new_nodes_until_one_misses():
+    versions = ModelVersions(0, derivable=0)
+    v0 = arrays(a=0, b=0)
+    assert versions.delta(4, v0) == (0, [])  # it rebuilds version 0 itself: nothing to send
+    v1 = {**v0, "b": np.ones(2, np.float32)}
+    versions.record_update(v0, v1, 1)
+    assert versions.delta(4, v1) == (0, ["b"])
+    versions.forget(4)  # it could not rebuild it
+    assert versions.delta(4, v1) == (WHOLE_MODEL, ["a", "b"])
+    versions.heard_from(4, 1)
+    assert versions.delta(4, v1) == (1, [])

@@ -91,7 +91,7 @@ def test_a_cache_miss_is_recorded_and_the_node_gets_the_whole_model_next():
     miss = reply(0, "cache-miss", [1], 1)
     arrays, _ = s.aggregate_train(1, [miss])
     assert arrays is None and s.round_stats[1].model_cache_misses == [1] and s.round_stats[1].rejected_replies == []
-    assert 1 not in s.versions.node_version
+    assert s.versions.delta(1, GLOBAL) == (-1, list(GLOBAL))  # the whole model
 
 
 def test_round_statistics_lost_nodes_budgets_and_ledgers():

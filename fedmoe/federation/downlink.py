@@ -35,10 +35,16 @@ WHOLE_MODEL = -1
 
 
 class ModelVersions:
-    """Server side: which tensors changed when, and which version each node holds."""
+    """Server side: which tensors changed when, and which version each node holds.
 
-    def __init__(self, version: int) -> None:
+    ``derivable``: a version every site can rebuild without receiving it (the initial model, built
+    from the run config: run config ``derive-initial-model``), assumed for nodes never heard from;
+    a node that missed is sent the whole model instead.
+    """
+
+    def __init__(self, version: int, derivable: int | None = None) -> None:
         self.version = version
+        self.derivable = derivable
         self.changed_at: dict[str, int] = {}  # tensor -> version of its last change (absent: initial)
         self.node_version: dict[int, int] = {}
 
@@ -51,8 +57,8 @@ class ModelVersions:
 
     def delta(self, node: int, keys: Iterable[str]) -> tuple[int, list[str]]:
         """(base version, tensors to send) for a message to ``node``."""
-        base = self.node_version.get(node)
-        if base is None:
+        base = self.node_version.get(node, WHOLE_MODEL if self.derivable is None else self.derivable)
+        if base == WHOLE_MODEL:
             return WHOLE_MODEL, list(keys)
         return base, [k for k in keys if self.changed_at.get(k, WHOLE_MODEL) > base]
 
@@ -61,7 +67,7 @@ class ModelVersions:
             self.node_version[node] = max(version, self.node_version.get(node, WHOLE_MODEL))
 
     def forget(self, node: int) -> None:
-        self.node_version.pop(node, None)
+        self.node_version[node] = WHOLE_MODEL
 
 
 class CompressedBroadcast:

@@ -50,6 +50,7 @@ MODEL_CACHE_MISS = "model-cache-miss"
 MODEL_VERSION = "model-version"
 BASE_VERSION = "base-version"
 DOWNLINK_ENCODING = "downlink-encoding"  # fedmoe.federation.downlink: none, or the compressed step's method
+INITIAL_MODEL = "initial-model-sha256"  # fedmoe.federation.downlink: the digest of the derivable initial model
 
 NUM_EXAMPLES = "num-examples"
 SITE = "partition-id"
