@@ -17,7 +17,8 @@ from fedmoe.training import MoELoss, freeze_inactive_experts
 
 def brute_force_clipped_mean(model, data, max_grad_norm_quantile=0.5):
     """(-(1/n) sum_n min(1, C / (||g_n|| + 1e-6)) g_n by parameter name, C): g_n from one backward per
-    sample, C the given quantile of the per-sample norms so that some samples are clipped and some not."""
+    sample, C the given quantile of the per-sample norms so that some samples are clipped and some
+    not (a single sample: C is half its norm)."""
     loss_fn = MoELoss()
     grads = []
     for x, y in data:
@@ -25,9 +26,9 @@ def brute_force_clipped_mean(model, data, max_grad_norm_quantile=0.5):
         loss_fn(model(x[None]), y[None]).backward()
         grads.append({name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad})
     norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in sample.values())) for sample in grads])
-    c_max = float(norms.quantile(max_grad_norm_quantile))
+    c_max = float(norms.quantile(max_grad_norm_quantile)) if len(norms) > 1 else float(norms[0]) / 2
     factors = (c_max / (norms + 1e-6)).clamp(max=1.0)
-    assert (factors < 1).any() and (factors == 1).any()
+    assert (factors < 1).any() and ((factors == 1).any() or len(factors) == 1)
     mean = {name: -sum(f * sample[name] for f, sample in zip(factors, grads)) / len(grads) for name in grads[0]}
     return mean, c_max
 
@@ -107,3 +108,91 @@ def test_empty_poisson_batches_take_noise_only_steps():
                           privacy.dp_generator(3))
     assert 0 in sizes and ledger.history == [(1.0, 0.25, 20)]
     assert not torch.equal(before["head.weight"], model.state_dict()["head.weight"])
+
+
+class SharedNormNet(torch.nn.Module):
+    """A LayerNorm applied twice in one forward: its per-sample gradient is the sum over both uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(6, 8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.mix = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.norm(self.mix(self.norm(self.embed(x))))
+        return self.head(h), h.new_zeros(len(h))
+
+
+def test_a_layer_used_twice_adds_both_uses_per_sample():
+    torch.manual_seed(0)
+    model = SharedNormNet()
+    with torch.no_grad():
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    data = TensorDataset(torch.randn(7, 6), torch.randint(0, 3, (7,)))
+    assert_step_is_the_clipped_mean(model, data, "bookkeeping")
+
+
+def test_the_single_pass_computes_no_weight_gradient_beyond_the_entry_layer():
+    """Autograd is asked for the patch embedding's parameters only: the other layers' weight
+    gradients are never computed (the clipped sums replace them), yet every hook fires."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    from fedmoe.privacy.bookkeeping import BookKeeping
+
+    torch.manual_seed(0)
+    model = MoEClassifier(MoEConfig(d_model=12, expert_hidden=10, num_experts=4, top_k=2, router_noise=0.0))
+    freeze_inactive_experts(model, [1])
+    gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum", max_grad_norm=1.0)
+    book = BookKeeping(gsm)
+    images, labels = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    book.backward(MoELoss(reduction="sum")(gsm(images), labels))
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert {name for name, p in trainable.items() if p.grad is not None} == {"embed.weight", "embed.bias"}
+    book.write_clipped_sums(gsm.get_clipping_coef())
+    assert all(p.grad is not None for p in trainable.values())
+    book.close()
+
+
+def test_a_batch_of_one_is_clipped_like_any_other():
+    torch.manual_seed(0)
+    model = MoEClassifier(MoEConfig(d_model=8, expert_hidden=8, num_experts=4, router_noise=0.0))
+    freeze_inactive_experts(model, [2])
+    data = TensorDataset(torch.randn(1, 1, 28, 28), torch.randint(0, 10, (1,)))
+    assert_step_is_the_clipped_mean(model, data, "bookkeeping")
+
+
+class SkippableNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(6, 8)
+        self.extra = torch.nn.LayerNorm(8)
+        self.head = torch.nn.Linear(8, 3)
+        self.skip = False
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(h if self.skip else self.extra(h)), h.new_zeros(len(h))
+
+
+def test_a_parameter_no_hook_saw_is_an_error_not_a_stale_or_unclipped_gradient():
+    """The second batch skips a layer: Opacus still holds that layer's per-sample norms from the
+    first one, and autograd would leave no gradient; the clipped sum refuses to go on."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    from fedmoe.privacy.bookkeeping import BookKeeping
+
+    torch.manual_seed(0)
+    model = SkippableNet()
+    gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum", max_grad_norm=1.0)
+    book = BookKeeping(gsm)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    book.backward(MoELoss(reduction="sum")(gsm(x), y))
+    book.write_clipped_sums(gsm.get_clipping_coef())
+    model.skip = True
+    book.backward(MoELoss(reduction="sum")(gsm(x), y))
+    with pytest.raises(RuntimeError, match=r"saw no per-sample gradient for \['extra.weight', 'extra.bias'\]"):
+        book.write_clipped_sums(gsm.get_clipping_coef())
+    book.close()
