@@ -126,6 +126,8 @@ def simulation_superlink(log_path: Path, ray_address: str | None = None) -> Iter
     write_connection(home, "fedmoe-sim", f"127.0.0.1:{port}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
+        log.write(f"fedmoe: Flower home {home} (removed when the run ends)\n".encode())
+        log.flush()
         process = subprocess.Popen(
             [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
              "--port", str(port), "--disable-runtime-dependency-installation"],

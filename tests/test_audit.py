@@ -3,6 +3,7 @@ tampered copy; the run keeps the sites' own test metrics and training loss to th
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,6 @@ CONFIG = {"dp": True, "num-server-rounds": 2, "max-examples-per-site": 200, "d-m
 def run_dir(tmp_path_factory):
     """The run as a user starts it: the launcher's command line, placed by the run config's keys."""
     results = tmp_path_factory.mktemp("audit")
-    homes_before = set(Path(tempfile.gettempdir()).glob("fedmoe-flwr-home-*"))
     overrides = {**CONFIG, "results-dir": str(results), "run-name": "dp"}
     launched = subprocess.run(
         [sys.executable, "-m", "experiments.launch", "--sites", "3", "-c", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())],
@@ -34,7 +34,8 @@ def run_dir(tmp_path_factory):
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
     assert f"check them: python -m fedmoe.audit {results / 'dp'})" in launched.stdout
     assert f"results: {results / 'dp' / 'summary.json'}" in launched.stdout
-    assert set(Path(tempfile.gettempdir()).glob("fedmoe-flwr-home-*")) <= homes_before  # its Flower home is gone
+    [home] = re.findall(r"^fedmoe: Flower home (\S+) ", (results / "dp.superlink.log").read_text(), flags=re.MULTILINE)
+    assert Path(home).parent == Path(tempfile.gettempdir()) and not Path(home).exists()  # its Flower home is gone
     return results / "dp"
 
 
