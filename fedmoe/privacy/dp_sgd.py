@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from .accounting import ACCOUNTANT, PrivacyLedger
 from .bookkeeping import BookKeepingLoss
 
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Batches per epoch; Opacus' Poisson loader keeps this length with sample rate 1/length."""
     return max(1, math.ceil(num_examples / batch_size))
