@@ -19,6 +19,7 @@ Methods
   expert_matched_int8  expert_matched with int8 updates both ways (update-compression and
                        downlink-compression int8, error feedback) and sites that rebuild the
                        initial model from the run config (derive-initial-model)
+  expert_matched_int4  the same with int4 updates (two values per byte) and the int8 downlink
 DP methods train with the preset's dp-config on top of its config (the DP recipe: batch size and
 step size tuned for DP-SGD, BENCHMARKS.md), the other methods with its config.
 The federated methods run the fedmoe app (experiments.launch, on the target); local_only and
@@ -113,11 +114,13 @@ FEDERATED = {
     "fedavg_full_moe_dp": {"strategy": "fedavg", "sparse-downlink": False, **DP},
     "expert_matched_int8": {"strategy": "expert-matched", "update-compression": "int8", "downlink-compression": "int8",
                             "derive-initial-model": True, "dp": False},
+    "expert_matched_int4": {"strategy": "expert-matched", "update-compression": "int4", "downlink-compression": "int8",
+                            "derive-initial-model": True, "dp": False},
 }
 IN_PROCESS = ("local_only", "centralized")
 METHODS = ("expert_matched", "fedavg_full_moe", "fedavg_dense", "local_only", "centralized",
            "expert_matched_dp", "fedavg_full_moe_dp", "expert_matched_personal", "expert_matched_personal_dp",
-           "expert_matched_int8")
+           "expert_matched_int8", "expert_matched_int4")
 
 
 def dense_overrides(config: dict[str, Any]) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .federation.aggregation import RobustRules
-from .models.hf_families import FAMILIES, model_path_problems
+from .federation.compression import METHODS as COMPRESSION_METHODS
 from .federation.server_optimizers import SERVER_OPTIMIZERS
+from .models.hf_families import FAMILIES, model_path_problems
 
 if TYPE_CHECKING:  # torch stays unimported until a model is built: a bad config fails in well under a second
     from .models.moe import MoEConfig
@@ -122,9 +123,9 @@ class RunConfig:
     outlier_min_cosine: float = _key(-1.0, _in_range(-1.0, 1.0), "drop a site's update to an expert whose cosine to the median update is below this (-1: off)")
     outlier_min_contributors: int = _key(3, _at_least(2), "outlier tests run on experts with at least this many updates")
     max_update_norm: float = _key(0.0, _at_least(0.0), "reject a whole reply whose update (all its tensors) has a larger L2 norm (0: off)")
-    update_compression: str = _key("none", _choice("none", "fp16", "int8"), "sites send their update compressed "
-                                   "(fedmoe.federation.compression: fp16, or int8 with a scale per row), with error feedback")
-    downlink_compression: str = _key("none", _choice("none", "fp16", "int8"), "the server sends each changed tensor as a "
+    update_compression: str = _key("none", _choice(*COMPRESSION_METHODS), "sites send their update compressed "
+                                   "(fedmoe.federation.compression: fp16, or int8 or int4 with a scale per row), with error feedback")
+    downlink_compression: str = _key("none", _choice(*COMPRESSION_METHODS), "the server sends each changed tensor as a "
                                      "compressed step of the model the sites hold (fedmoe.federation.downlink; needs sparse-downlink)")
     # Server optimizer on the aggregated pseudo-gradient (fedmoe.federation.server_optimizers)
     server_optimizer: str = _key("none", _choice(*SERVER_OPTIMIZERS), "none: the average is the new model; fedavgm, fedadam, fedyogi: Reddi et al. 2021, per tensor")

@@ -110,7 +110,7 @@ class FedAvgMoE(FedAvg):
     compression : str
         How sites encode their updates (fedmoe.federation.compression): decoded before validation.
     downlink_compression : str
-        none, fp16 or int8: nodes get compressed steps of the broadcast model
+        none, fp16, int8 or int4: nodes get compressed steps of the broadcast model
         (fedmoe.federation.downlink.CompressedBroadcast); needs sparse_downlink.
     initial_model_sha256 : str
         Digest of the initial model when every site can rebuild it from the run config (run config

@@ -1,4 +1,4 @@
-"""Compressed updates: int8 and fp16 codecs against hand-computed bounds, error feedback that
+"""Compressed updates: int8, int4 and fp16 codecs against hand-computed bounds, error feedback that
 loses nothing over rounds, malformed payloads rejected, and a real site's compressed reply
 decoded by the server into its trained tensors."""
 
@@ -18,19 +18,28 @@ UPDATE = {"w": RNG.normal(size=(5, 7)).astype(np.float32), "b": RNG.normal(size=
 ZEROS = {k: np.zeros_like(v) for k, v in UPDATE.items()}
 
 
-def test_int8_rounds_each_value_to_within_half_its_rows_step():
-    payload = encode(UPDATE, "int8")
-    assert payload["w"].dtype == np.int8 and payload["w" + compression.SCALE].shape == (5,)
+@pytest.mark.parametrize("method,levels,dtype,w_shape", [("int8", 127, np.int8, (5, 7)), ("int4", 7, np.uint8, (5, 4))])
+def test_integer_codes_round_each_value_to_within_half_its_rows_step(method, levels, dtype, w_shape):
+    payload = encode(UPDATE, method)
+    assert payload["w"].dtype == dtype and payload["w"].shape == w_shape and payload["w" + compression.SCALE].shape == (5,)
     assert payload["b" + compression.SCALE].shape == (1,) and payload["t" + compression.SCALE].shape == (3,)
-    decoded = decode(payload, "int8", ZEROS)
+    decoded = decode(payload, method, ZEROS)
     for key, u in UPDATE.items():
         rows = u.reshape(len(u), -1) if u.ndim > 1 else u.reshape(1, -1)
-        step = np.abs(rows).max(axis=1) / 127  # each row's largest value maps to +-127 exactly
+        step = np.abs(rows).max(axis=1) / levels  # each row's largest value maps to +-levels exactly
         error = np.abs(decoded[key] - u).reshape(rows.shape)
         assert np.all(error <= step[:, None] / 2 + 1e-6), key
         largest = np.abs(rows).argmax(axis=1)
         np.testing.assert_allclose(np.abs(decoded[key].reshape(rows.shape)[np.arange(len(rows)), largest]),
                                    np.abs(rows).max(axis=1), rtol=1e-6)
+
+
+def test_int4_packs_two_offset_codes_per_byte_low_nibble_first():
+    # row max 1: step 1/7; codes 7, -7, round(2.1) = 2 -> stored 15, 1, 10 and the pad 8
+    payload = encode({"w": np.array([[1.0, -1.0, 0.3]], np.float32)}, "int4")
+    assert payload["w"].tolist() == [[0x1F, 0x8A]]
+    np.testing.assert_allclose(payload["w" + compression.SCALE], [1 / 7])
+    np.testing.assert_allclose(decode(payload, "int4", {"w": np.zeros((1, 3), np.float32)})["w"], [[1, -1, 2 / 7]], rtol=1e-6)
 
 
 def test_fp16_is_the_half_precision_update_and_an_all_zero_row_survives():
@@ -47,7 +56,7 @@ def test_decoded_update_is_added_to_the_global_tensor():
     np.testing.assert_allclose(decoded["w"], 2.0 + UPDATE["w"], atol=2e-3)
 
 
-@pytest.mark.parametrize("method", ["int8", "fp16"])
+@pytest.mark.parametrize("method", ["int8", "int4", "fp16"])
 def test_error_feedback_sends_the_whole_sum_of_updates_over_rounds(method):
     feedback = ErrorFeedback()
     received = {"w": np.zeros((4, 6), np.float32)}
@@ -60,8 +69,10 @@ def test_error_feedback_sends_the_whole_sum_of_updates_over_rounds(method):
         sent_total += decode(payload, method, {"w": np.zeros((4, 6), np.float32)})["w"]
         # what was sent plus what is still owed is exactly what was trained
         np.testing.assert_allclose(sent_total + feedback.residual["w"], true_total, atol=1e-5)
-    step = np.abs(true_total).max() / 127
-    assert np.abs(feedback.residual["w"]).max() <= (step if method == "int8" else 1e-2)
+    if method in compression.LEVELS:  # a residual never exceeds one step of the row it was rounded in
+        assert np.abs(feedback.residual["w"]).max() <= np.abs(true_total).max() / compression.LEVELS[method]
+    else:
+        assert np.abs(feedback.residual["w"]).max() <= 1e-2
 
 
 def test_an_expert_not_trained_this_round_keeps_what_it_is_owed():
@@ -84,6 +95,10 @@ def bad(method, change):
     ("int8", lambda p: p.__setitem__("w", p["w"].astype(np.int16)), "expected int8"),
     ("int8", lambda p: p.__setitem__("w", p["w"][:4]), "expected int8[5, 7]"),
     ("int8", lambda p: p.__setitem__("x", np.zeros(3, np.int8)), "scales"),
+    ("int4", lambda p: p.__setitem__("w", np.zeros((5, 7), np.uint8)), "expected uint8[5, 4]"),
+    ("int4", lambda p: p.__setitem__("w", p["w"].astype(np.int8)), "expected uint8"),
+    ("int4", lambda p: p.__setitem__("w" + compression.SCALE, np.full(5, np.inf, np.float32)), "finite"),
+    ("int4", lambda p: p.__setitem__("w" + compression.SCALE, np.ones(5, np.float16)), "float32"),
     ("fp16", lambda p: p.__setitem__("w", p["w"].astype(np.float32)), "expected float16"),
     ("fp16", lambda p: p.__setitem__("x", np.zeros(3, np.float16)), "unknown tensor 'x'"),
     ("fp16", lambda p: p.__setitem__("w" + compression.SCALE, np.ones(5, np.float32)), "no scales"),
@@ -93,14 +108,15 @@ def test_malformed_payloads_are_refused_with_the_reason(method, change, reason):
         decode(bad(method, change), method, ZEROS)
 
 
-def test_an_int8_payload_is_a_quarter_of_float32_plus_its_scales():
+@pytest.mark.parametrize("method,value_bytes", [("int8", 64 * 128), ("int4", 64 * 64)])
+def test_an_integer_payload_is_its_codes_plus_one_float32_scale_per_row(method, value_bytes):
     update = {"w": RNG.normal(size=(64, 128)).astype(np.float32)}
-    payload = encode(update, "int8")
-    assert sum(v.nbytes for v in payload.values()) == 64 * 128 + 64 * 4
+    payload = encode(update, method)
+    assert sum(v.nbytes for v in payload.values()) == value_bytes + 64 * 4
 
 
 @needs_fmnist
-@pytest.mark.parametrize("method", ["int8", "fp16"])
+@pytest.mark.parametrize("method", ["int8", "int4", "fp16"])
 def test_a_sites_compressed_reply_decodes_to_what_it_trained(tmp_path, method):
     base = {"num-server-rounds": 2, "max-examples-per-site": 200, "d-model": 16, "expert-hidden": 16, "dp": False,
             "seed": 2}
@@ -117,12 +133,14 @@ def test_a_sites_compressed_reply_decodes_to_what_it_trained(tmp_path, method):
     assert set(decoded.arrays) == set(trained.arrays)  # dp=false: the same training, bit for bit
     for key, value in trained.arrays.items():
         update = value - global_arrays[key]
-        tolerance = np.abs(update).max() / 127 / 2 + 1e-6 if method == "int8" else np.abs(update).max() * 1e-3 + 1e-7
+        levels = {"int8": 127, "int4": 7}.get(method)
+        tolerance = np.abs(update).max() / levels / 2 + 1e-6 if levels else np.abs(update).max() * 1e-3 + 1e-7
         assert np.abs(decoded.arrays[key] - value).max() <= tolerance, key
     sent = {k: wire.array_to_numpy(a) for k, a in reply.content.array_records[wire.ARRAYS].items()}
-    values = sum(v.size for v in trained.arrays.values())
-    rows = sum(len(v) if v.ndim > 1 else 1 for v in trained.arrays.values())
-    assert sum(v.nbytes for v in sent.values()) == (values + 4 * rows if method == "int8" else 2 * values)
+    shapes = [(len(v), v.size // len(v)) if v.ndim > 1 else (1, v.size) for v in trained.arrays.values()]
+    expected = {"fp16": sum(2 * r * c for r, c in shapes), "int8": sum(r * c + 4 * r for r, c in shapes),
+                "int4": sum(r * ((c + 1) // 2) + 4 * r for r, c in shapes)}[method]
+    assert sum(v.nbytes for v in sent.values()) == expected
     assert decoded.nbytes < trained.nbytes  # as received, headers and names included
     residual = wire.to_numpy(ctx.state["compression-residual"])
     for key, value in trained.arrays.items():  # what was not sent is owed, exactly

@@ -81,7 +81,7 @@ def test_a_compressed_step_brings_a_site_to_the_servers_broadcast_model_bit_for_
     assert broadcast.stale(versions)
     broadcast.advance(g1, versions)
     step, encoding = broadcast.message(0, ["a", "b"])
-    assert encoding == "int8" and set(step) == {"a", "b", "a.__int8_scale__", "b.__int8_scale__"}
+    assert encoding == "int8" and set(step) == {"a", "b", "a.__row_scale__", "b.__row_scale__"}
     assert step["a"].dtype == np.int8 and step["b"].dtype == np.int8
     site = complete(step, 0, site, 0, encoding)
     assert all(np.array_equal(site[k], broadcast.model[k]) for k in g1)  # both ends decode alike
@@ -97,7 +97,7 @@ def test_a_compressed_step_brings_a_site_to_the_servers_broadcast_model_bit_for_
     versions.record_update(g1, g2, 2)
     broadcast.advance(g2, versions)
     step, _ = broadcast.message(1, ["a"])
-    assert set(step) == {"a", "a.__int8_scale__"}
+    assert set(step) == {"a", "a.__row_scale__"}
     site = complete(step, 1, site, 1, "int8")
     assert np.all(np.abs(site["a"] - g2["a"]) <= half_steps(g2["a"] - b1["a"]) + 1e-6)
     with pytest.raises(CacheMiss):  # a step starts from exactly one version

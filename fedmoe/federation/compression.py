@@ -6,6 +6,8 @@ encoded as
   fp16   u in float16                                                     (2 bytes per value)
   int8   q = round(u / s) in int8, one float32 scale per row               (1 byte per value)
          s = max|u_row| / 127 (rows = first dimension; a 1-D tensor is one row)
+  int4   q = round(u / s) in [-7, 7], s = max|u_row| / 7, stored as q + 8 in  (1/2 byte per value)
+         4 bits, two per byte along the row (an odd row's last byte pads with 8)
 What rounding loses stays at the site and is added to the next round's update (error feedback,
 ``ErrorFeedback``), so nothing is lost for good, only late. The server decodes, checks and adds
 the received global tensor back before validation and aggregation (``decode``).
@@ -21,8 +23,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-METHODS = ("none", "fp16", "int8")
-SCALE = ".__int8_scale__"  # key suffix of a tensor's row scales in an int8 payload
+METHODS = ("none", "fp16", "int8", "int4")
+LEVELS = {"int8": 127, "int4": 7}  # largest |q| of each integer code
+SCALE = ".__row_scale__"  # key suffix of a tensor's row scales in an integer payload
 
 
 class MalformedPayload(ValueError):
@@ -30,19 +33,40 @@ class MalformedPayload(ValueError):
 
 
 def encode(update: Mapping[str, np.ndarray], method: str) -> dict[str, np.ndarray]:
-    """Wire arrays of ``update`` (float32 per tensor) under ``method`` (fp16 or int8)."""
+    """Wire arrays of ``update`` (float32 per tensor) under ``method`` (fp16, int8 or int4)."""
     if method == "fp16":
         return {key: u.astype(np.float16) for key, u in update.items()}
-    if method == "int8":
-        payload = {}
-        for key, u in update.items():
-            rows = u.reshape(len(u), -1) if u.ndim > 1 else u.reshape(1, -1)
-            scale = (np.abs(rows).max(axis=1) / 127.0).astype(np.float32)
-            safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-            payload[key] = np.clip(np.rint(rows / safe[:, None]), -127, 127).astype(np.int8).reshape(u.shape)
-            payload[key + SCALE] = scale
-        return payload
-    raise ValueError(f"update-compression must be fp16 or int8 here, got {method!r}")
+    if method not in LEVELS:
+        raise ValueError(f"update-compression must be one of {', '.join(METHODS[1:])} here, got {method!r}")
+    levels = LEVELS[method]
+    payload = {}
+    for key, u in update.items():
+        rows = _rows(u)
+        scale = (np.abs(rows).max(axis=1) / levels).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = np.clip(np.rint(rows / safe[:, None]), -levels, levels)
+        payload[key] = q.astype(np.int8).reshape(u.shape) if method == "int8" else _pack_nibbles(q)
+        payload[key + SCALE] = scale
+    return payload
+
+
+def _rows(array: np.ndarray) -> np.ndarray:
+    """[rows, values per row] view: the first dimension is the rows; a 1-D tensor is one row."""
+    return array.reshape(len(array), -1) if array.ndim > 1 else array.reshape(1, -1)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 [rows, ceil(n / 2)] from integers q in [-7, 7] of shape [rows, n]: q + 8, low nibble first."""
+    nibbles = (q + 8).astype(np.uint8)
+    if nibbles.shape[1] % 2:
+        nibbles = np.pad(nibbles, ((0, 0), (0, 1)), constant_values=8)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def _unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
+    """float32 [rows, n] integers in [-8, 7] from ``_pack_nibbles``' bytes."""
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=2).reshape(len(packed), -1)[:, :n]
+    return nibbles.astype(np.float32) - 8
 
 
 def decode(payload: Mapping[str, np.ndarray], method: str, global_arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -50,28 +74,30 @@ def decode(payload: Mapping[str, np.ndarray], method: str, global_arrays: Mappin
     Raises MalformedPayload for an unknown tensor, a wrong dtype or shape, a missing or bad scale."""
     tensors = {k: v for k, v in payload.items() if not k.endswith(SCALE)}
     scales = {k[: -len(SCALE)]: v for k, v in payload.items() if k.endswith(SCALE)}
-    if method == "int8" and set(scales) != set(tensors):
-        raise MalformedPayload(f"int8 scales for {sorted(set(scales) ^ set(tensors))[:3]} do not match the tensors")
+    if method in LEVELS and set(scales) != set(tensors):
+        raise MalformedPayload(f"{method} scales for {sorted(set(scales) ^ set(tensors))[:3]} do not match the tensors")
     if method == "fp16" and scales:
         raise MalformedPayload("an fp16 payload has no scales")
-    wanted = np.float16 if method == "fp16" else np.int8
     trained = {}
     for key, value in tensors.items():
         reference = global_arrays.get(key)
         if reference is None:
             raise MalformedPayload(f"unknown tensor '{key}'")
-        if value.dtype != wanted or value.shape != reference.shape:
+        rows = _rows(reference)
+        wanted, shape = {"fp16": (np.float16, reference.shape), "int8": (np.int8, reference.shape),
+                         "int4": (np.uint8, (len(rows), (rows.shape[1] + 1) // 2))}[method]
+        if value.dtype != wanted or value.shape != shape:
             raise MalformedPayload(f"tensor '{key}' is {value.dtype}{list(value.shape)}, expected "
-                                   f"{np.dtype(wanted)}{list(reference.shape)}")
+                                   f"{np.dtype(wanted)}{list(shape)}")
         if method == "fp16":
             update = value.astype(np.float32)
         else:
-            rows = len(reference) if reference.ndim > 1 else 1
             scale = scales[key]
-            if scale.dtype != np.float32 or scale.shape != (rows,) or not np.all(np.isfinite(scale)) or np.any(scale < 0):
-                raise MalformedPayload(f"tensor '{key}': int8 scales must be {rows} finite float32 values >= 0, "
-                                       f"got {scale.dtype}{list(scale.shape)}")
-            update = (value.reshape(rows, -1).astype(np.float32) * scale[:, None]).reshape(reference.shape)
+            if scale.dtype != np.float32 or scale.shape != (len(rows),) or not np.all(np.isfinite(scale)) or np.any(scale < 0):
+                raise MalformedPayload(f"tensor '{key}': {method} scales must be {len(rows)} finite float32 values "
+                                       f">= 0, got {scale.dtype}{list(scale.shape)}")
+            q = _rows(value).astype(np.float32) if method == "int8" else _unpack_nibbles(value, rows.shape[1])
+            update = (q * scale[:, None]).reshape(reference.shape)
         trained[key] = (reference + update).astype(reference.dtype)
     return trained
 

@@ -12,7 +12,7 @@ unchanged since c, and every tensor changed since b is in the message. A site wi
 c < b (it lost its node state), cannot; it answers ``model-cache-miss`` and the server forgets its
 version, so its next message carries the whole model.
 
-Compressed downlink (run config ``downlink-compression=fp16|int8``, ``CompressedBroadcast``): the
+Compressed downlink (run config ``downlink-compression=fp16|int8|int4``, ``CompressedBroadcast``): the
 sites then hold B, the broadcast model, rather than the global model G. When G reaches version v,
 every tensor that changed moves B by the compressed difference (fedmoe.federation.compression):
 B_v = B_prev + decode(encode(G_v - B_prev)); what rounding loses stays in G - B and goes out with
@@ -111,7 +111,7 @@ class CacheMiss(Exception):
 
 def complete(received: Mapping, base: int, cached: Mapping | None, cached_version: int, encoding: str = "none"):
     """Client side: the whole model from a message's tensors and the site's cached copy; a
-    compressed step (``encoding`` fp16 or int8) applies to exactly the version it starts from."""
+    compressed step (``encoding`` fp16, int8 or int4) applies to exactly the version it starts from."""
     if base == WHOLE_MODEL:
         return dict(received)
     if cached is None or cached_version < base or (encoding != "none" and cached_version != base):

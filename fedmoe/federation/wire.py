@@ -217,7 +217,7 @@ def decode_train_reply(
     Tensors in ``personal`` (fedmoe.federation.personalization) stay at the sites and tensors in ``frozen`` (the
     model's frozen_parameters, e.g. the base weights under LoRA) are trained by no one: a reply
     carrying one is invalid.
-    With ``compression`` fp16 or int8 the tensors are compressed updates (fedmoe.federation.compression),
+    With ``compression`` fp16, int8 or int4 the tensors are compressed updates (fedmoe.federation.compression),
     decoded against the global model first; every check then applies to the decoded tensors."""
     raise_for_status(content)
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
