@@ -1,7 +1,7 @@
 """Benchmark: expert-matched federation against FedAvg, a dense model, isolated sites and pooled
 data, on the same split, seed and number of rounds.
 
-    python -m experiments.benchmark --preset smoke|full|low-data|charlm-smoke|charlm-full|hf-smoke --out DIR
+    python -m experiments.benchmark --preset smoke|full|low-data|low-data-dirichlet|charlm-smoke|charlm-full|hf-smoke --out DIR
                                     [--target simulation|CONNECTION] [--seeds 0,1,2]
                                     [--methods expert_matched,fedavg_full_moe,...]
 
@@ -92,6 +92,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "expert_matched_dp", "expert_matched_personal_dp"),
         "config": {"num-server-rounds": 10, "partitioning": "domain", "max-examples-per-site": 300,
                    "batch-size": 32, "learning-rate": 0.002, "seed": 0},
+        "dp-config": {"batch-size": 64, "learning-rate": 0.01},
+    },
+    # the same few examples per site with label skew instead of domains (Dirichlet, alpha 0.5):
+    # a site holds a few classes often and the others rarely or not at all
+    "low-data-dirichlet": {
+        "sites": 9,
+        "methods": ("expert_matched", "expert_matched_personal", "local_only", "centralized",
+                    "expert_matched_dp", "expert_matched_personal_dp"),
+        "config": {"num-server-rounds": 10, "partitioning": "dirichlet", "dirichlet-alpha": 0.5,
+                   "max-examples-per-site": 300, "batch-size": 32, "learning-rate": 0.002, "seed": 0},
         "dp-config": {"batch-size": 64, "learning-rate": 0.01},
     },
     "full": {  # all 60k training images over 10 sites
