@@ -94,18 +94,30 @@ class ExpertBank(nn.Module):
             self.register_parameter(f"b_in_{e}", nn.Parameter(torch.zeros(hidden)))
             self.register_parameter(f"w_out_{e}", nn.Parameter(w_out))
             self.register_parameter(f"b_out_{e}", nn.Parameter(torch.zeros(d_model)))
+        # book-keeping clipping sets a fedmoe.privacy.bookkeeping.HiddenKeeper here: each forward
+        # with gradients hands it the trainable experts' pre-activations and hidden layers, so the
+        # clipped gradient's factors come from the forward instead of being computed again
+        self.hidden_keeper = None
 
     def expert_params(self, e: int) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter]:
         return tuple(getattr(self, f"{name}_{e}") for name in self.PARAM_NAMES)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
         out = x.new_zeros(x.shape)
+        keeper = self.hidden_keeper if torch.is_grad_enabled() else None
+        kept = {}
         for e in range(self.num_experts):
             mask = expert_index == e
             w_in, b_in, w_out, b_out = self.expert_params(e)
             # An expert without tokens still runs on an empty batch, so its .grad is zeros
             # rather than None (optimisers and Opacus both expect that).
-            out[mask] = F.gelu(x[mask] @ w_in + b_in) @ w_out + b_out
+            pre = x[mask] @ w_in + b_in
+            hidden = F.gelu(pre)
+            out[mask] = hidden @ w_out + b_out
+            if keeper is not None and w_in.requires_grad:
+                kept[e] = keeper.keep(pre, hidden, len(x))
+        if keeper is not None:
+            keeper.forwards.append(kept)
         return out
 
 

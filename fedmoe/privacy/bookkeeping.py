@@ -59,6 +59,29 @@ FACTOR_RULES: dict[type, FactorRule] = {
 }
 
 
+class HiddenKeeper:
+    """What a GELU expert bank's forwards keep for its clipped gradient (``ExpertBank.hidden_keeper``):
+    per forward, {expert: [pre-activation, hidden, gradient of the pre-activation]} of its trainable
+    experts. The gradient arrives during backward (a hook on the pre-activation, which autograd
+    computes anyway for the bank's input gradient), scaled as Opacus scales the output gradients
+    it hands the samplers: by the batch size under a mean loss."""
+
+    def __init__(self, mean_loss: bool) -> None:
+        self.mean_loss = mean_loss
+        self.forwards: list[dict[int, list]] = []
+
+    def keep(self, pre: torch.Tensor, hidden: torch.Tensor, batch_size: int) -> list:
+        entry = [pre.detach(), hidden.detach(), None]
+        if pre.requires_grad:
+            scale = batch_size if self.mean_loss else 1
+            pre.register_hook(lambda grad: entry.__setitem__(2, grad * scale))
+        return entry
+
+    def pop(self) -> dict[int, list]:
+        """The last forward's entries: the hooks of a bank used twice fire in reverse order of the calls."""
+        return self.forwards.pop() if self.forwards else {}
+
+
 class BookKeeping:
     """What one backward pass keeps for the clipped sum, installed on an Opacus ghost-clipping module.
 
@@ -75,6 +98,7 @@ class BookKeeping:
         self.entry_parameters: dict[nn.Parameter, None] = {}
         norm_samplers, grad_samplers = {}, dict(module.GRAD_SAMPLERS)
         self._handles = []
+        self._banks: list[ExpertBank] = []
         for _, layer in trainable_modules(module._module):
             kind = type(layer)
             if kind in FACTOR_RULES:
@@ -82,6 +106,9 @@ class BookKeeping:
             else:
                 grad_samplers[kind] = self._keeping_grad_samples(module.GRAD_SAMPLERS.get(kind, ft_compute_per_sample_gradient))
             self._handles.append(layer.register_forward_pre_hook(self._note_entry, with_kwargs=True))
+            if isinstance(layer, ExpertBank):
+                layer.hidden_keeper = HiddenKeeper(mean_loss=module.loss_reduction == "mean")
+                self._banks.append(layer)
         module.NORM_SAMPLERS = norm_samplers
         module.GRAD_SAMPLERS = grad_samplers
 
@@ -102,6 +129,8 @@ class BookKeeping:
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
+        for bank in self._banks:
+            bank.hidden_keeper = None
 
     def _keeping_factors(self, rule: FactorRule):
         def norm_sampler(layer, activations, backprops):
@@ -141,6 +170,8 @@ class BookKeeping:
                 add(p, torch.einsum("n,n...->...", coefficients.to(per_sample.dtype), per_sample).to(p.dtype))
         self.factors.clear()
         self.grad_samples.clear()
+        for bank in self._banks:  # what a forward without hooks firing (an empty batch) left
+            bank.hidden_keeper.forwards.clear()
         trainable = [(name, p) for name, p in self.module._module.named_parameters() if p.requires_grad]
         if len(coefficients) == 0:  # an empty Poisson batch: its step is noise only
             sums = {p: torch.zeros_like(p) for _, p in trainable}

@@ -21,21 +21,26 @@ FactorPairs = dict[torch.nn.Parameter, tuple[torch.Tensor, torch.Tensor]]
 # The grad sampler forms the sums, the norm sampler (ghost clipping) only their norms, and
 # book-keeping clipping (bookkeeping.py) their clipped sum over the batch.
 
-def _gelu_expert_factors(bank: ExpertBank, x: torch.Tensor, g_out: torch.Tensor, e: int):
+def _gelu_expert_factors(bank: ExpertBank, x: torch.Tensor, g_out: torch.Tensor, e: int, kept=None):
     """(a, g) rows for w_in [d,h], b_in [h], w_out [h,d], b_out [d] of expert e, from its routed
-    inputs x [M,d] and output gradients g_out [M,d]; the hidden layer recomputed as the forward did."""
+    inputs x [M,d] and output gradients g_out [M,d]; the hidden layer as the forward kept it
+    (``kept``: pre-activation, hidden [M,h] and the pre-activation's gradient, scaled as g_out, or
+    None where backward did not reach it) or recomputed as the forward did."""
     w_in, b_in, w_out, _ = bank.expert_params(e)
-    pre = x @ w_in + b_in
-    hidden = torch.nn.functional.gelu(pre)
-    g_pre = torch.ops.aten.gelu_backward(g_out @ w_out.T, pre)
+    pre, hidden, g_pre = kept if kept is not None and len(kept[0]) == len(x) else (None, None, None)
+    if pre is None:
+        pre = x @ w_in + b_in
+        hidden = torch.nn.functional.gelu(pre)
+    if g_pre is None:
+        g_pre = torch.ops.aten.gelu_backward(g_out @ w_out.T, pre)
     ones = x.new_ones(len(x), 1)  # a bias multiplies 1
     return [(g_pre, x), (ones, g_pre), (g_out, hidden), (ones, g_out)]
 
 
-def _swiglu_expert_factors(bank: SwiGLUExpertBank, x: torch.Tensor, g_out: torch.Tensor, e: int):
+def _swiglu_expert_factors(bank: SwiGLUExpertBank, x: torch.Tensor, g_out: torch.Tensor, e: int, kept=None):
     """(a, g) rows for gate_up [2I,H] and down [H,I] of expert e, or with LoRA (W = W0 + s B A on
     input a with output gradient g: dA = sum (s g B) a^T, dB = sum g (s A a)^T) for its four factors,
-    from its routed inputs x [M,H] and output gradients g_out [M,H]."""
+    from its routed inputs x [M,H] and output gradients g_out [M,H] (``kept``: unused, this bank keeps nothing)."""
     gate_up, down = bank.weights(e)
     gate, up = (x @ gate_up.T).chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
@@ -76,15 +81,22 @@ def expert_bank_factor_pairs(bank, activations: list[torch.Tensor], backprops: t
     reshaped to the parameter's shape)."""
     x, index = activations[0].to(backprops.dtype), activations[1]
     factors = EXPERT_FACTORS[type(bank)]
+    # the forward's hidden layers, where it kept them (book-keeping clipping on a GELU bank)
+    keeper = getattr(bank, "hidden_keeper", None)
+    kept = keeper.pop() if keeper is not None else {}
     pairs = {}
     for e in range(bank.num_experts):
         params = bank.expert_params(e)
         if any(p.requires_grad for p in params):
             routed = index == e
             lay_out = _per_sample_layout(routed)
-            expert_pairs = factors(bank, x[routed], backprops[routed], e)
-            pairs.update({p: (lay_out(a), lay_out(g)) for p, (a, g) in zip(params, expert_pairs, strict=True)
-                          if p.requires_grad})
+            laid: dict[int, torch.Tensor] = {}  # a factor several tensors share is laid out once
+            for p, rows in zip(params, factors(bank, x[routed], backprops[routed], e, kept.get(e)), strict=True):
+                if p.requires_grad:
+                    for t in rows:
+                        if id(t) not in laid:
+                            laid[id(t)] = lay_out(t)
+                    pairs[p] = (laid[id(rows[0])], laid[id(rows[1])])
     return pairs
 
 
