@@ -263,6 +263,7 @@ def run_benchmark(preset: dict[str, Any], out: Path, target: Target = Target(),
         report["headline"] = headline(report["methods"])
         (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     progress(len(methods), len(methods), started, "done")
+    report["headline"] = headline(report["methods"])  # also when every method was there already
     (out / "results.md").write_text(markdown_report(report))
     plot_curves(report["methods"], out)
     plot_site_utilisation(report["methods"], config, out / "expert_utilisation.png")

@@ -118,6 +118,22 @@ def test_an_interrupted_benchmark_runs_only_the_methods_it_lacks(tmp_path, monke
     assert ran == ["expert_matched"]
 
 
+def test_a_finished_benchmark_run_again_runs_nothing_and_reports_its_headline(tmp_path, monkeypatch):
+    import experiments.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "run_app", lambda *a, **k: pytest.fail("nothing should run"))
+    for plot in ("plot_curves", "plot_site_utilisation"):
+        monkeypatch.setattr(benchmark, plot, lambda *a, **k: None)
+    preset = {"sites": 1, "config": {"seed": 0}}
+    run = {"per_site_accuracy": {"0": 0.5}, "epsilon": None, "uplink_bytes_total": 10, "downlink_bytes_total": 10,
+           "rounds": 1, "wall_seconds": 1.0}
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"seed": 0}, "sites": 1, "methods": {
+        "expert_matched": {**run, "final_accuracy": 0.75}, "expert_matched_dp": {**run, "final_accuracy": 0.5}}}))
+    report = benchmark.run_benchmark(preset, tmp_path, methods=("expert_matched", "expert_matched_dp"))
+    assert report["headline"]["accuracy_gap_expert_matched_minus_expert_matched_dp"] == 0.25
+    assert "accuracy_gap_expert_matched_minus_expert_matched_dp: 0.2500" in (tmp_path / "results.md").read_text()
+
+
 def test_dp_methods_take_the_presets_dp_recipe_unless_overridden():
     from experiments.benchmark import PRESETS
     from experiments.reporting import chosen_preset, driver_parser
