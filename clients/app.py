@@ -22,7 +22,8 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedmoe import attacks, tasks
+from fedmoe import attacks
+from fedmoe.data import tasks
 from fedmoe.config import RunConfig
 from fedmoe.federation import downlink, wire
 from fedmoe.federation.compression import ErrorFeedback

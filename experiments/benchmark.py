@@ -174,7 +174,7 @@ def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[st
     trained as a site trains: fresh optimiser per round, the round's learning rate, local-epochs."""
     import torch
 
-    from fedmoe import tasks
+    from fedmoe.data import tasks
     from fedmoe.config import RunConfig
     from fedmoe.training import evaluate, make_loader, make_optimizer, round_seed, train_epochs
 
@@ -322,7 +322,7 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
 
 def plot_site_utilisation(results: dict[str, dict[str, Any]], config: dict[str, Any], path: Path) -> None:
     """Expert-by-site heat map of each federated MoE method's last round, one panel per MoE layer."""
-    from fedmoe import tasks
+    from fedmoe.data import tasks
     from fedmoe.config import RunConfig
 
     cfg = RunConfig.from_run_config(config)

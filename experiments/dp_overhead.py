@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 
 from fedmoe import privacy
 from fedmoe.config import RunConfig
-from fedmoe.tasks import build_model
+from fedmoe.data.tasks import build_model
 from fedmoe.training import freeze_inactive_experts, make_loader, make_optimizer, train_epochs
 
 from .reporting import save_json

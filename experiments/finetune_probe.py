@@ -23,7 +23,7 @@ import torch
 
 from fedmoe.api import load_model
 from fedmoe.config import RunConfig
-from fedmoe.tasks import site_data
+from fedmoe.data.tasks import site_data
 from fedmoe.training import evaluate, make_loader, make_optimizer, train_epochs
 
 from .reporting import save_json

@@ -89,7 +89,7 @@ def load_model(run_dir: str | Path):
     import torch
 
     from .config import RunConfig
-    from .tasks import build_model
+    from .data.tasks import build_model
 
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())

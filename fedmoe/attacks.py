@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .data import MEAN, STD
+from .data.fashion_mnist import MEAN, STD
 
 ATTACKS = ("none", "scale", "sign-flip", "backdoor")
 TRIGGER_SIZE = 4

@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 def _task_name(value: str) -> str | None:
     if value in ("fmnist", "images", "charlm", "hf-moe") or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
         return None
-    return "must be fmnist, images, charlm, hf-moe or module:Class (a fedmoe.tasks.Task)"
+    return "must be fmnist, images, charlm, hf-moe or module:Class (a fedmoe.data.tasks.Task)"
 
 
 def _choice_int(*options: int):
@@ -70,7 +70,7 @@ def _in_range(low: float, high: float):
 
 
 def _language_list(value: str) -> str | None:
-    from .text import LANGUAGE_PACKAGES
+    from .data.text import LANGUAGE_PACKAGES
 
     unknown = [lang for lang in value.split(",") if lang not in LANGUAGE_PACKAGES]
     return f"unknown languages {unknown}; known: {','.join(LANGUAGE_PACKAGES)}" if unknown or not value else None
@@ -152,10 +152,10 @@ class RunConfig:
     learning_rate_decay: float = _key(0.85, _fraction, "client step size in round r is learning-rate * decay^(r-1)")
     optimizer: str = _key("adam", _choice("adam", "sgd"), "local optimiser")
     seed: int = _key(0, _at_least(0), "seed for model init, data split and training")
-    # Workload (fedmoe.tasks)
+    # Workload (fedmoe.data.tasks)
     task: str = _key("fmnist", _task_name, "fmnist: Fashion-MNIST classifier; images: your own images at data-path; "
                      "charlm: byte-level MoE language model, one language per site; hf-moe: a Hugging Face transformers MoE "
-                     "language model on the same text; module:Class: your own fedmoe.tasks.Task")
+                     "language model on the same text; module:Class: your own fedmoe.data.tasks.Task")
     # Data
     data_source: str = _key("auto", _choice("auto", "debian", "hub"), "where Fashion-MNIST comes from")
     partitioning: str = _key("domain", _choice("iid", "dirichlet", "domain", "column"),
@@ -164,7 +164,7 @@ class RunConfig:
     domains_per_site: int = _key(1, _at_least(1), "partitioning=domain: coarse domains per site (task=images: whole classes per site)")
     site_test_fraction: float = _key(0.2, _open_fraction, "share of each site's data kept as its test split")
     max_examples_per_site: int = _key(0, _at_least(0), "cap on each site's partition before its train/test split (0: no cap)")
-    data_path: str = _key("", None, "task=images: an ImageFolder tree or a saved HF dataset (fedmoe.own_images)")
+    data_path: str = _key("", None, "task=images: an ImageFolder tree or a saved HF dataset (fedmoe.data.own_images)")
     image_size: int = _key(28, _at_least(1), "task=images: images are resized to image-size x image-size")
     image_channels: int = _key(1, _choice_int(1, 3), "task=images: 1 (grayscale) or 3 (RGB)")
     image_column: str = _key("image", None, "task=images, saved HF dataset: the image column")

@@ -4,7 +4,7 @@
 set -euo pipefail
 need=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
-# charlm: one Debian fortunes package per language (fedmoe.text.LANGUAGE_PACKAGES)
+# charlm: one Debian fortunes package per language (fedmoe.data.text.LANGUAGE_PACKAGES)
 for pkg in fortunes fortunes-min fortunes-de fortunes-it fortunes-es fortunes-ru fortunes-pl fortunes-cs fortunes-br; do
   [ -f "/var/lib/dpkg/info/$pkg.list" ] || need+=("$pkg")
 done

@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedmoe import tasks
+from fedmoe.data import tasks
 from fedmoe.federation import wire
 from fedmoe.config import RunConfig
 from fedmoe.federation.personalization import personal_keys

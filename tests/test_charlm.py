@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fedmoe import privacy, text
+from fedmoe import privacy
+from fedmoe.data import text
 from fedmoe.federation import wire
 from fedmoe.models.charlm import CharLMConfig, CharMoETransformer
 from fedmoe.training import freeze_inactive_experts, make_optimizer

@@ -10,7 +10,8 @@ from opacus.accountants import RDPAccountant
 from torch.utils.data import TensorDataset
 
 from clients.app import app as client_app
-from fedmoe import privacy, tasks
+from fedmoe import privacy
+from fedmoe.data import tasks
 from fedmoe.federation import wire
 from fedmoe.config import RunConfig
 from fedmoe.models.moe import MoEClassifier

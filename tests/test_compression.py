@@ -202,7 +202,7 @@ def test_sites_rebuild_the_initial_model_from_the_run_config_and_a_wrong_digest_
     model differs (another seed) answers model-cache-miss and gets the whole model next."""
     from flwr.app import ConfigRecord
 
-    from fedmoe import tasks
+    from fedmoe.data import tasks
     from fedmoe.results import state_sha256
     from server.strategy import ExpertMatched
     from tests.test_strategy import Grid

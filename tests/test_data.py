@@ -5,7 +5,7 @@ import gzip
 import numpy as np
 import pytest
 
-from fedmoe import data
+from fedmoe.data import fashion_mnist as data
 
 
 def write_idx(path, array):

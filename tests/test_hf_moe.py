@@ -234,7 +234,7 @@ def test_hf_federated_dp_run_exports_a_model_that_from_pretrained_loads_and_gene
     with LoRA merged into the weights. (README's hf-moe example runs Qwen2-MoE without adapters
     through the same path, checked by tests/test_readme.py.)"""
     from experiments.launch import run_app
-    from fedmoe import tasks
+    from fedmoe.data import tasks
     from fedmoe.config import RunConfig
 
     config = {"task": "hf-moe", "hf-model": family, "adapter": adapter, "languages": "en,ru", "num-moe-layers": 2,
@@ -276,7 +276,7 @@ def test_hf_dense_layers_stay_stock_and_count_as_no_moe_layer(tmp_path):
 
 
 def test_hf_task_starts_from_a_model_folder(tmp_path):
-    from fedmoe import tasks
+    from fedmoe.data import tasks
     from fedmoe.config import RunConfig
 
     stock = stock_model("olmoe")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedmoe import own_images, tasks
+from fedmoe.data import own_images, tasks
 from fedmoe.config import ConfigError, RunConfig, launch_config
 
 

@@ -68,7 +68,7 @@ def test_personal_parts_never_leave_the_site_and_survive_a_restart(tmp_path):
     # the node restarts (empty Context.state): its evaluation uses the head it kept
     restarted = context(cfg, state)
     metrics = client_app(message(model, 1, tmp_path / "run", MessageType.EVALUATE), restarted).content.metric_records[wire.METRICS]
-    from fedmoe import tasks
+    from fedmoe.data import tasks
 
     _, _, test_inputs, test_targets = tasks.site_data(RunConfig.from_run_config(cfg), 0, 3)
     own = global_model(cfg)

@@ -101,7 +101,7 @@ def test_a_server_that_regenerates_the_noise_from_the_config_recovers_the_gradie
     model = global_model(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     freeze_inactive_experts(model, metrics[wire.ACTIVE_EXPERTS])  # the server reads the active set off the reply
-    inputs, targets, _, _ = __import__("fedmoe.tasks", fromlist=["site_data"]).site_data(typed, 0, 3)
+    inputs, targets, _, _ = __import__("fedmoe.data.tasks", fromlist=["site_data"]).site_data(typed, 0, 3)
     assert len(targets) == n == 40
     truth = clipped_gradient_sum(model, inputs, targets, typed.max_grad_norm)
     std = typed.noise_multiplier * typed.max_grad_norm

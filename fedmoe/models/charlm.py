@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .moe import MoEBlockConfig, MoELayer, PositionEmbedding
-from ..text import VOCAB_SIZE
+from ..data.text import VOCAB_SIZE
 
 
 

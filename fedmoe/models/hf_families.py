@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..text import VOCAB_SIZE
+from ..data.text import VOCAB_SIZE
 
 
 @dataclass(frozen=True)

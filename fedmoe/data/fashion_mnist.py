@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .results import atomic_replace
+from ..results import atomic_replace
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 HUB_DATASET = "zalando-datasets/fashion_mnist"

@@ -1,5 +1,5 @@
 """Your own images as a workload (task=images): an ImageFolder tree or a saved Hugging Face
-dataset, split over the sites by a flwr-datasets partitioner (fedmoe.data.partition_rows).
+dataset, split over the sites by a flwr-datasets partitioner (fedmoe.data.fashion_mnist.partition_rows).
 
 ``data-path`` is either
   an ImageFolder tree   root/<class>/<image file>, or root/train/<class>/... and root/test/<class>/...
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import cache_dir, site_rows
+from .fashion_mnist import cache_dir, site_rows
 
 GLOBAL_TEST_FRACTION = 0.1
 
@@ -128,7 +128,7 @@ def _folder_stamp(path: Path) -> list[tuple[str, int, int]]:
 
 
 def _save(path: Path, data: OwnImages) -> None:
-    from .results import atomic_replace
+    from ..results import atomic_replace
 
     arrays = {"train_x": data.train.images, "train_y": data.train.labels, "test_x": data.test.images,
               "test_y": data.test.labels, "num_classes": np.int64(data.num_classes)}

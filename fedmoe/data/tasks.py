@@ -7,9 +7,9 @@ character. Built in:
   fmnist   Fashion-MNIST images, patch-token MoE classifier (fedmoe.models.moe), sites split by
            flwr-datasets partitioners (fedmoe.data)
   images   your own images (data-path: an ImageFolder tree or a saved HF dataset), the same
-           classifier sized to them (fedmoe.own_images)
+           classifier sized to them (fedmoe.data.own_images)
   charlm   UTF-8 text, byte-level MoE transformer (fedmoe.models.charlm), one language (or
-           languages-per-site languages) per site (fedmoe.text)
+           languages-per-site languages) per site (fedmoe.data.text)
   hf-moe   the same text, a Hugging Face transformers MoE model (hf-model family built from the
            size keys, or model-path; fedmoe.models.hf_moe), exported with save_pretrained at the end
 
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import RunConfig
+from ..config import RunConfig
 from .text import VOCAB_SIZE
 
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -76,12 +76,12 @@ class Task:
 
 class FashionMNISTTask(Task):
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        from .models.moe import MoEClassifier
+        from ..models.moe import MoEClassifier
 
         return MoEClassifier(cfg.model_config())
 
     def site_data(self, cfg: RunConfig, site: int, num_sites: int) -> Tensors:
-        from .data import load_site
+        from .fashion_mnist import load_site
 
         images = load_site(
             site, num_sites, partitioning=cfg.partitioning, alpha=cfg.dirichlet_alpha,
@@ -92,21 +92,21 @@ class FashionMNISTTask(Task):
 
     def global_test(self, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """The official 10k test images."""
-        from .data import load_global_test
+        from .fashion_mnist import load_global_test
 
         return load_global_test(cfg.data_source).tensors()
 
     def site_label(self, cfg: RunConfig, site: int) -> str:
         """The partition id, with its domain when each site holds one (site i: domain i mod 3)."""
         if cfg.partitioning == "domain" and cfg.domains_per_site == 1:
-            from .data import DOMAINS
+            from .fashion_mnist import DOMAINS
 
             return f"{site} {list(DOMAINS)[site % len(DOMAINS)]}"
         return str(site)
 
 
 class OwnImagesTask(Task):
-    """Images at data-path (fedmoe.own_images), the patch-token MoE classifier sized to them."""
+    """Images at data-path (fedmoe.data.own_images), the patch-token MoE classifier sized to them."""
 
     def data(self, cfg: RunConfig):
         from .own_images import load_own_images
@@ -116,7 +116,7 @@ class OwnImagesTask(Task):
                                cfg.image_size, cfg.image_channels, cfg.seed)
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        from .models.moe import MoEClassifier
+        from ..models.moe import MoEClassifier
 
         return MoEClassifier(cfg.model_config(num_classes=self.data(cfg).num_classes))
 
@@ -133,7 +133,7 @@ class OwnImagesTask(Task):
 
 class CharLMTask(Task):
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        from .models.charlm import CharMoETransformer
+        from ..models.charlm import CharMoETransformer
 
         return CharMoETransformer(charlm_config(cfg))
 
@@ -163,7 +163,7 @@ class HFMoETask(CharLMTask):
     """charlm's data and metrics (byte tokens: no tokenizer to fetch), a transformers MoE model."""
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        from .models import hf_moe
+        from ..models import hf_moe
 
         lora = (cfg.lora_rank, cfg.lora_alpha) if cfg.adapter == "lora" else (0, cfg.lora_alpha)
         if cfg.model_path:
@@ -190,7 +190,7 @@ def task_of(name: str) -> Task:
     module, _, attr = name.partition(":")
     task = getattr(importlib.import_module(module), attr)()
     if not isinstance(task, Task):
-        raise TypeError(f"run config 'task': {name} is not a fedmoe.tasks.Task")
+        raise TypeError(f"run config 'task': {name} is not a fedmoe.data.tasks.Task")
     return task
 
 
@@ -234,7 +234,7 @@ def export(cfg: RunConfig, model: nn.Module, run_dir: Path) -> None:
 
 
 def charlm_config(cfg: RunConfig):
-    from .models.charlm import CharLMConfig
+    from ..models.charlm import CharLMConfig
 
     return CharLMConfig(
         seq_len=cfg.seq_len, d_model=cfg.d_model, num_heads=cfg.num_heads, num_moe_layers=cfg.num_moe_layers,
