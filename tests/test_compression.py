@@ -88,7 +88,7 @@ def bad(method, change):
 
 
 @pytest.mark.parametrize("method,change,reason", [
-    ("int8", lambda p: p.pop("w" + compression.SCALE), "scales"),
+    ("int8", lambda p: p.pop("w" + compression.SCALE), "int8 scales for ['w'] do not match"),
     ("int8", lambda p: p.__setitem__("w" + compression.SCALE, np.full(5, np.nan, np.float32)), "finite"),
     ("int8", lambda p: p.__setitem__("w" + compression.SCALE, -np.ones(5, np.float32)), ">= 0"),
     ("int8", lambda p: p.__setitem__("w" + compression.SCALE, np.ones(4, np.float32)), "5 finite"),
@@ -106,6 +106,11 @@ def bad(method, change):
 def test_malformed_payloads_are_refused_with_the_reason(method, change, reason):
     with pytest.raises(MalformedPayload, match=reason.replace("[", r"\[").replace("]", r"\]")):
         decode(bad(method, change), method, ZEROS)
+
+
+def test_an_unknown_code_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match="must be one of fp16, int8, int4 here, got 'int3'"):
+        encode(UPDATE, "int3")
 
 
 @pytest.mark.parametrize("method,value_bytes", [("int8", 64 * 128), ("int4", 64 * 64)])
