@@ -11,7 +11,9 @@ from torch.utils.data import TensorDataset
 
 from fedmoe import privacy
 from fedmoe.models.charlm import CharLMConfig, CharMoETransformer
-from fedmoe.models.moe import MoEClassifier, MoEConfig
+from fedmoe.models.moe import ExpertBank, MoEClassifier, MoEConfig
+from fedmoe.privacy import samplers
+from fedmoe.privacy.bookkeeping import HiddenKeeper
 from fedmoe.training import MoELoss, freeze_inactive_experts
 
 
@@ -196,3 +198,89 @@ def test_a_parameter_no_hook_saw_is_an_error_not_a_stale_or_unclipped_gradient()
     with pytest.raises(RuntimeError, match=r"saw no per-sample gradient for \['extra.weight', 'extra.bias'\]"):
         book.write_clipped_sums(gsm.get_clipping_coef())
     book.close()
+
+
+@pytest.mark.parametrize("mean_loss", [True, False], ids=["mean", "sum"])
+def test_the_expert_bank_keeps_its_hidden_layers_and_their_gradient_as_opacus_scales_it(mean_loss):
+    """What the forward keeps for the sampler: each trainable expert's pre-activation and hidden
+    layer on its routed slots, and the pre-activation's gradient of the per-sample loss sum (the
+    batch's loss gradient times the batch size under a mean loss, as Opacus scales backprops)."""
+    torch.manual_seed(5)
+    bank = ExpertBank(num_experts=4, d_model=6, hidden=8)
+    for p in bank.expert_params(3):
+        p.requires_grad_(False)
+    bank.hidden_keeper = keeper = HiddenKeeper(mean_loss=mean_loss)
+    x, index = torch.randn(5, 3, 6, requires_grad=True), torch.tensor([[0, 1, 3]] * 3 + [[1, 1, 0], [2, 3, 3]])
+    per_sample_loss = bank(x, index).pow(2).sum(dim=(1, 2))
+    (per_sample_loss.mean() if mean_loss else per_sample_loss.sum()).backward()
+    kept = keeper.pop()
+    assert set(kept) == {0, 1, 2} and keeper.pop() == {}  # one forward, trainable experts only
+    for e, (pre, hidden, g_pre) in kept.items():
+        w_in, b_in, w_out, b_out = (p.detach() for p in bank.expert_params(e))
+        rows = x.detach()[index == e]
+        expected_pre = (rows @ w_in + b_in).requires_grad_()
+        out = torch.nn.functional.gelu(expected_pre) @ w_out + b_out
+        out.pow(2).sum().backward()  # the per-sample losses' sum, whatever the reduction
+        torch.testing.assert_close(pre, expected_pre.detach())
+        torch.testing.assert_close(hidden, torch.nn.functional.gelu(expected_pre.detach()))
+        torch.testing.assert_close(g_pre, expected_pre.grad)
+
+
+def test_the_sampler_takes_the_kept_hidden_layers_instead_of_recomputing_them():
+    """The factors of a bank with a keeper are the forward's (recomputing gives the same numbers,
+    slower): doctored kept values show up in the factor pairs."""
+    torch.manual_seed(6)
+    bank = ExpertBank(num_experts=2, d_model=4, hidden=5)
+    bank.hidden_keeper = keeper = HiddenKeeper(mean_loss=True)
+    x, index = torch.randn(3, 2, 4, requires_grad=True), torch.tensor([[0, 1], [1, 1], [0, 0]])
+    bank(x, index).sum().backward()
+    for entry in keeper.forwards[-1].values():
+        entry[1], entry[2] = torch.full_like(entry[1], 7.0), torch.full_like(entry[2], 3.0)
+    pairs = samplers.expert_bank_factor_pairs(bank, [x.detach(), index], torch.ones(3, 2, 4))
+    for e in range(2):
+        w_in, _, w_out, _ = bank.expert_params(e)
+        g_pre, hidden = pairs[w_in][0], pairs[w_out][1]
+        routed = (index == e).sum(dim=1)
+        for n in range(3):  # routed slots hold the doctored values, padding stays zero
+            assert torch.all(g_pre[n, : routed[n]] == 3.0) and torch.all(g_pre[n, routed[n]:] == 0.0)
+            assert torch.all(hidden[n, : routed[n]] == 7.0) and torch.all(hidden[n, routed[n]:] == 0.0)
+
+
+def test_training_leaves_no_book_keeping_hooks_or_keeper_on_the_model():
+    model = MoEClassifier(MoEConfig(d_model=8, expert_hidden=8, num_experts=4, top_k=2))
+    freeze_inactive_experts(model, [0, 2])
+    data = TensorDataset(torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,)))
+    hooks_before = sum(len(m._forward_pre_hooks) for m in model.modules())
+    noiseless_step(model, data, "bookkeeping", 1.0)
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+    assert all(layer.experts.hidden_keeper is None for layer in model.moe_layers)
+    model.train()
+    MoELoss()(model(data.tensors[0]), data.tensors[1]).backward()  # plain training works again
+
+
+@pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
+def test_the_noise_is_drawn_in_opacus_secure_mode_from_the_sites_generator(mode, monkeypatch):
+    """Every noise draw goes through Opacus' hardened sampling (a sum of four Gaussians, against
+    floating-point attacks on one Gaussian) with the generator train_private was given."""
+    import opacus.optimizers.optimizer as opacus_optimizer
+    import opacus.optimizers.optimizer_fast_gradient_clipping as fast_clipping
+
+    draws, original = [], opacus_optimizer._generate_noise
+    generator = privacy.dp_generator()
+
+    def recording(std, reference, generator=None, secure_mode=False):
+        draws.append((generator, secure_mode))
+        return original(std, reference, generator=generator, secure_mode=secure_mode)
+
+    for module in (opacus_optimizer, fast_clipping):  # hooks mode uses the first, ghost clipping the second
+        monkeypatch.setattr(module, "_generate_noise", recording)
+    model = MoEClassifier(MoEConfig(d_model=8, expert_hidden=8, num_experts=4, top_k=2))
+    freeze_inactive_experts(model, [1])
+    ledger = privacy.PrivacyLedger(site=0, target_epsilon=8.0, delta=1e-5, noise_multiplier=1.0,
+                                   count_noise_multiplier=20.0, sample_rate=0.5)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    data = TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    privacy.train_private(model, data, 4, optimizer, 1, ledger, 1.0, mode, generator)
+    trainable = sum(p.requires_grad for p in model.parameters())
+    assert len(draws) == 2 * trainable  # two steps, one draw per trainable tensor
+    assert all(g is generator and secure for g, secure in draws)
