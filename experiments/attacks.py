@@ -106,7 +106,7 @@ def final_model(run_dir: Path, config: dict[str, Any]):
 
 def global_test(config: dict[str, Any]):
     from fedmoe.config import RunConfig
-    from fedmoe.data import load_global_test
+    from fedmoe.data.fashion_mnist import load_global_test
 
     return load_global_test(RunConfig.from_run_config(config).data_source).tensors()
 

@@ -7,7 +7,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedmoe.federation import wire
 from fedmoe.config import RunConfig
-from fedmoe.data import DEBIAN_DIR
+from fedmoe.data.fashion_mnist import DEBIAN_DIR
 from fedmoe.models.moe import MoEClassifier
 
 needs_fmnist = pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs dataset-fashion-mnist")

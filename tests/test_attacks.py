@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from fedmoe import attacks
-from fedmoe.data import MEAN, STD
+from fedmoe.data.fashion_mnist import MEAN, STD
 
 
 def test_trigger_and_poisoning():
