@@ -257,3 +257,32 @@ def test_the_new_model_does_not_depend_on_the_order_replies_arrive_in(cls):
         models.append(wire.to_numpy(arrays))
     for other in models[1:]:
         assert all(np.array_equal(models[0][k], other[k]) for k in models[0])
+
+
+@pytest.mark.parametrize("method", ["fp16", "int8", "int4"])
+def test_fedavg_moe_averages_the_tensors_compressed_replies_stand_for(method):
+    """The FedAvg baseline with update-compression: the new model is FedAvg of the trained tensors
+    the payloads decode to, as if the sites had sent those tensors uncompressed."""
+    from fedmoe.federation import compression
+
+    everything = list(range(CFG.num_experts))
+    plain, compressed = [], []
+    for site in range(3):
+        original = reply(site, "valid", everything, 1)
+        trained = wire.to_numpy(original.content.array_records[wire.ARRAYS])
+        payload = compression.encode({k: (v - GLOBAL[k]).astype(np.float32) for k, v in trained.items()}, method)
+        stands_for = compression.decode(payload, method, GLOBAL)
+        for arrays, into in ((stands_for, plain), (payload, compressed)):
+            content = RecordDict({**original.content, wire.ARRAYS: wire.to_record(arrays)})
+            into.append(Message(content, reply_to=Message(RecordDict(), dst_node_id=site + 1,
+                                                          message_type=MessageType.TRAIN)))
+    results = []
+    for replies, codec in ((plain, "none"), (compressed, method)):
+        s = strategy(FedAvgMoE, compression=codec)
+        s.global_arrays = dict(GLOBAL)
+        arrays, _ = s.aggregate_train(1, replies)
+        assert s.round_stats[1].replies == 3
+        results.append(wire.to_numpy(arrays))
+    assert set(results[0]) == set(results[1]) == set(GLOBAL)
+    for key in GLOBAL:
+        np.testing.assert_array_equal(results[1][key], results[0][key], err_msg=key)
