@@ -21,6 +21,7 @@ from fedmoe.results import RunRecorder, end_status, log_to_file, rounds_without_
 from fedmoe.federation.site_binding import SiteBinding, read_registry
 from fedmoe.training import evaluate
 
+from .grid import PromptGrid
 from .strategy import ExpertMatched, FedAvgMoE, RoundStats
 
 STRATEGIES = {"expert-matched": ExpertMatched, "fedavg": FedAvgMoE}
@@ -114,7 +115,7 @@ def main(grid: Grid, context: Context) -> None:
 
         try:
             strategy.start(
-                grid=grid, initial_arrays=wire.to_record(initial_state), num_rounds=cfg.num_server_rounds - done,
+                grid=PromptGrid(grid), initial_arrays=wire.to_record(initial_state), num_rounds=cfg.num_server_rounds - done,
                 timeout=cfg.round_timeout, train_config=ConfigRecord({wire.RUN_DIR: str(recorder.run_dir)}),
                 evaluate_config=ConfigRecord({wire.RUN_DIR: str(recorder.run_dir)}), evaluate_fn=central_evaluate,
             )
