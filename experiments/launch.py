@@ -237,7 +237,7 @@ def privacy_line(summary: dict[str, Any], run_dir: Path) -> str:
     spent = f"{eps[-1]:.3f}" if eps else "n/a"
     line = (f"differential privacy: ON, DP-SGD per site; largest epsilon spent {spent} "
             f"(target {config['target-epsilon']}, delta {config['target-delta']}), ledgers in privacy_ledger.json "
-            f"(check them: python -m fedmoe.audit {run_dir})")
+            f"(check them: python -m fedmoe.privacy.audit {run_dir})")
     return "\n".join([line, *(f"WARNING: {w}" for w in summary.get("privacy_warnings", []))])
 
 

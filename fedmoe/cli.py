@@ -29,5 +29,5 @@ def benchmark() -> None:
 
 
 def audit() -> None:
-    """fedmoe-audit: recompute a run's epsilons from its folder (fedmoe.audit)."""
-    _driver("fedmoe.audit")
+    """fedmoe-audit: recompute a run's epsilons from its folder (fedmoe.privacy.audit)."""
+    _driver("fedmoe.privacy.audit")

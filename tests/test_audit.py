@@ -1,4 +1,4 @@
-"""fedmoe.audit on a real DP simulation run: it passes the honest run folder and fails every
+"""fedmoe.privacy.audit on a real DP simulation run: it passes the honest run folder and fails every
 tampered copy; the run keeps the sites' own test metrics and training loss to themselves."""
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from experiments.launch import ROOT, toml_value
-from fedmoe.audit import audit, rdp_epsilon
+from fedmoe.privacy.audit import audit, rdp_epsilon
 from tests.sites import needs_fmnist
 
 pytestmark = needs_fmnist
@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory):
         capture_output=True, text=True, cwd=ROOT,
     )
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
-    assert f"check them: python -m fedmoe.audit {results / 'dp'})" in launched.stdout
+    assert f"check them: python -m fedmoe.privacy.audit {results / 'dp'})" in launched.stdout
     assert f"results: {results / 'dp' / 'summary.json'}" in launched.stdout
     [home] = re.findall(r"^fedmoe: Flower home (\S+) ", (results / "dp.superlink.log").read_text(), flags=re.MULTILINE)
     assert Path(home).parent == Path(tempfile.gettempdir()) and not Path(home).exists()  # its Flower home is gone
@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_an_honest_run_passes_the_audit_from_the_command_line(run_dir):
-    completed = subprocess.run([sys.executable, "-m", "fedmoe.audit", str(run_dir)], capture_output=True, text=True)
+    completed = subprocess.run([sys.executable, "-m", "fedmoe.privacy.audit", str(run_dir)], capture_output=True, text=True)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     lines = completed.stdout.splitlines()
     assert [line.split(":")[0] for line in lines[:3]] == ["ok   site 0", "ok   site 1", "ok   site 2"]

@@ -1,4 +1,4 @@
-"""fedmoe.audit's checks one by one on a ledger written here from the config (test_audit runs it
+"""fedmoe.privacy.audit's checks one by one on a ledger written here from the config (test_audit runs it
 on a real run folder)."""
 
 import copy
@@ -9,7 +9,7 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedmoe.audit import audit, audit_site, close, compare_copies, rdp_epsilon
+from fedmoe.privacy.audit import audit, audit_site, close, compare_copies, rdp_epsilon
 
 CONFIG = {"dp": True, "target-epsilon": 8.0, "target-delta": 1e-5, "batch-size": 32, "local-epochs": 2,
           "count-noise-multiplier": 20.0, "noise-multiplier": 0.0, "num-server-rounds": 3, "dp-reproducible-noise": False}
@@ -169,7 +169,7 @@ def test_run_level_verdicts(tmp_path):
 
 
 def test_the_command_line_prints_the_report_and_exits_with_the_verdict(tmp_path, capsys):
-    from fedmoe.audit import main
+    from fedmoe.privacy.audit import main
 
     ledger, rows = honest()
     (tmp_path / "summary.json").write_text(json.dumps({"config": CONFIG, "rounds": rows}))
@@ -310,7 +310,7 @@ def test_run_level_failures_with_the_ledgers_present(tmp_path):
 
 
 def test_the_command_line_without_site_ledgers(tmp_path, capsys):
-    from fedmoe.audit import main
+    from fedmoe.privacy.audit import main
 
     write_run(tmp_path, {"0": honest()})
     assert main([str(tmp_path)]) == 0

@@ -1,5 +1,6 @@
 """Differential privacy at a site: Opacus samplers for fedmoe's layers (``samplers``), DP-SGD
-rounds (``dp_sgd``), accounting and the site's secret randomness (``accounting``)."""
+rounds (``dp_sgd``), accounting and the site's secret randomness (``accounting``), and the
+outsider's check of a run's epsilons from its folder (``audit``, which imports none of the others)."""
 
 from . import samplers  # noqa: F401  (registers the grad and norm samplers with Opacus)
 from .accounting import (

@@ -114,7 +114,7 @@ class PrivacyLedger:
 
     ``history`` is what the RDP accountant composes; ``rounds`` says what each round charged
     (its count release, then its DP-SGD steps) and the epsilon after it, so an auditor can check
-    that the history is exactly the rounds' charges (fedmoe.audit). ``num_examples`` fixes the
+    that the history is exactly the rounds' charges (fedmoe.privacy.audit). ``num_examples`` fixes the
     sample rate 1 / ceil(n / batch size); like every DP-SGD analysis that publishes q, the ledger
     treats the site's dataset size as public. ``reproducible_noise`` is sticky: once one round's
     randomness came from the config, the run's guarantee is void against whoever knows it.

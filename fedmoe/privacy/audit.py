@@ -1,6 +1,6 @@
 """Audit a finished run's privacy claims from its run folder, independently of the code that made them.
 
-    python -m fedmoe.audit RUN_DIR [--site-ledger PATH ...]
+    python -m fedmoe.privacy.audit RUN_DIR [--site-ledger PATH ...]
 
 For every site in ``RUN_DIR/privacy_ledger.json`` (the ledgers the sites sent) it checks, using
 only the run's files, its config and Opacus' RDP accountant:
