@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Messages are made outside a running Flower app: give them a task identity
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    cfg = RunConfig()
+    cfg = RunConfig(features="pixels")  # the model BENCHMARKS.md measured (experiments.reporting.PIXELS)
     torch.manual_seed(0)
     global_state = MoEClassifier(cfg.model_config()).state_dict()
     rows = []

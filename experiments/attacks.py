@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .launch import Target, exit_on_sigterm, run_app
-from .reporting import chosen_preset, driver_parser, markdown_table, progress
+from .reporting import PIXELS, chosen_preset, driver_parser, markdown_table, progress
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -127,6 +127,8 @@ def run_measures(run_dir: Path, config: dict[str, Any], test, target_images) -> 
 def run_attacks(preset: dict[str, Any], out: Path, target: Target = Target(),
                 attacks: tuple[str, ...] = tuple(ATTACKS), defences: tuple[str, ...] = DEFENCES) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
+    # the backdoor's trigger is stamped on pixels, and the measures below read pixels
+    preset = {**preset, "config": {**PIXELS, **preset["config"]}}
     runs = [(a, d) for a in attacks for d in defences]
     if ("clean", "none") not in runs:
         runs.insert(0, ("clean", "none"))  # calibrates the norm bounds

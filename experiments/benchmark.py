@@ -52,12 +52,12 @@ import numpy as np
 from .launch import Target, exit_on_sigterm, run_app
 from fedmoe.plots import plot_utilisation, utilisation_panels
 
-from .reporting import chosen_preset, driver_parser, markdown_table, progress, save_axes
+from .reporting import PIXELS, chosen_preset, driver_parser, markdown_table, progress, save_axes
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "sites": 3,
-        "config": {"num-server-rounds": 5, "max-examples-per-site": 2000, "partitioning": "domain",
+        "config": {**PIXELS, "num-server-rounds": 5, "max-examples-per-site": 2000, "partitioning": "domain",
                    "batch-size": 64, "learning-rate": 0.002, "seed": 0},
     },
     # the charlm task: one Debian fortunes language per site
@@ -90,7 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sites": 9,
         "methods": ("expert_matched", "expert_matched_personal", "local_only", "centralized",
                     "expert_matched_dp", "expert_matched_personal_dp"),
-        "config": {"num-server-rounds": 10, "partitioning": "domain", "max-examples-per-site": 300,
+        "config": {**PIXELS, "num-server-rounds": 10, "partitioning": "domain", "max-examples-per-site": 300,
                    "batch-size": 32, "learning-rate": 0.002, "seed": 0},
         "dp-config": {"batch-size": 64, "learning-rate": 0.01},
     },
@@ -100,13 +100,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sites": 9,
         "methods": ("expert_matched", "expert_matched_personal", "local_only", "centralized",
                     "expert_matched_dp", "expert_matched_personal_dp"),
-        "config": {"num-server-rounds": 10, "partitioning": "dirichlet", "dirichlet-alpha": 0.5,
+        "config": {**PIXELS, "num-server-rounds": 10, "partitioning": "dirichlet", "dirichlet-alpha": 0.5,
                    "max-examples-per-site": 300, "batch-size": 32, "learning-rate": 0.002, "seed": 0},
         "dp-config": {"batch-size": 64, "learning-rate": 0.01},
     },
     "full": {  # all 60k training images over 10 sites
         "sites": 10,
-        "config": {"num-server-rounds": 10, "partitioning": "domain", "num-experts": 32, "top-k": 2,
+        "config": {**PIXELS, "num-server-rounds": 10, "partitioning": "domain", "num-experts": 32, "top-k": 2,
                    "active-top-m": 2, "batch-size": 64, "learning-rate": 0.002, "seed": 0},
         # experiments.dp_tuning --preset full (BENCHMARKS.md): 0.7778 against 0.7156 at the config's 64 / 0.002
         "dp-config": {"batch-size": 256, "learning-rate": 0.02},

@@ -53,16 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=("fmnist", "charlm"), default="fmnist")
     parser.add_argument("--examples", type=int, default=6400)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--features", choices=("pixels", "scattering"), default=RunConfig().features,
+                        help="fmnist: the classifier reads pixels or scattering features (default: %(default)s)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = RunConfig(task=args.task)
+    cfg = RunConfig(task=args.task, features=args.features)
     generator = torch.Generator().manual_seed(0)
     if args.task == "charlm":
         windows = torch.randint(0, 256, (args.examples, cfg.seq_len + 1), generator=generator)
         inputs, targets = windows[:, :-1], windows[:, 1:]
     else:
-        inputs = torch.randn(args.examples, 1, 28, 28, generator=generator)
+        side, channels, _ = cfg.input_grid()
+        inputs = torch.randn(args.examples, channels, side, side, generator=generator)
         targets = torch.randint(0, 10, (args.examples,), generator=generator)
     modes = ("none", *DP_MODES)
     for mode in modes:  # warm-up
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds[mode].append(epoch_seconds(mode, inputs, targets, cfg))
     times = {mode: statistics.median(values) for mode, values in seconds.items()}
     result = {
-        "task": args.task, "examples": args.examples, "batch_size": cfg.batch_size, "threads": 1,
+        "task": args.task, "features": cfg.features if args.task == "fmnist" else None, "examples": args.examples, "batch_size": cfg.batch_size, "threads": 1,
         "epoch_seconds": {k: round(v, 3) for k, v in times.items()},
         "overhead": {mode: round(times[mode] / times["none"], 2) for mode in DP_MODES},
     }

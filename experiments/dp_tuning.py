@@ -20,56 +20,56 @@ from typing import Any
 
 from .benchmark import PRESETS as BENCHMARK_PRESETS
 from .launch import Target, exit_on_sigterm, run_app
-from .reporting import chosen_preset, driver_parser, markdown_table, progress, read_rows, write_rows
+from .reporting import PIXELS, chosen_preset, driver_parser, markdown_table, progress, read_rows, write_rows
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the default job (3 sites, domain split, 10 rounds, DP at epsilon 8): batch size and step size
     "batch-lr": {
-        "sites": 3, "config": {},
+        "sites": 3, "config": PIXELS,
         "grid": {"batch-size": [64, 256, 1024], "learning-rate": [0.002, 0.005, 0.01]},
     },
     # batch-lr's best was its largest batch with its largest step size: both further, and more epochs
     "large-batch": {
-        "sites": 3, "config": {},
+        "sites": 3, "config": PIXELS,
         "grid": {"batch-size": [1024, 2048], "learning-rate": [0.02, 0.04], "local-epochs": [1, 2]},
     },
     # large-batch's best (1024, 0.04, one epoch): step size and its decay over rounds, and less of
     # the budget for the count releases
     "decay-counts": {
-        "sites": 3, "config": {"batch-size": 1024},
+        "sites": 3, "config": {**PIXELS, "batch-size": 1024},
         "grid": {"learning-rate": [0.04, 0.08], "learning-rate-decay": [0.85, 0.7], "count-noise-multiplier": [20.0, 60.0]},
     },
     # the winner (now the default recipe) with a server optimizer on the averaged pseudo-gradient
     "server-momentum": {
-        "sites": 3, "config": {"server-optimizer": "fedavgm"},
+        "sites": 3, "config": {**PIXELS, "server-optimizer": "fedavgm"},
         "grid": {"server-momentum": [0.3, 0.6]},
     },
     "server-adam": {
-        "sites": 3, "config": {"server-optimizer": "fedadam"},
+        "sites": 3, "config": {**PIXELS, "server-optimizer": "fedadam"},
         "grid": {"server-learning-rate": [0.01, 0.03]},
     },
     # label skew (each site holds other classes) pulls a learned head towards each site's classes:
     # a fixed simplex-ETF head against the learned one, with and without DP
     "fixed-head": {
-        "sites": 3, "config": {},
+        "sites": 3, "config": PIXELS,
         "grid": {"head": ["fixed-etf", "linear"], "dp": [False, True]},
     },
     # the clipping norm: with Adam the step does not scale with it, so a small norm (most per-sample
     # gradients clipped, i.e. normalised) trades clipping bias for relatively less noise
     "clip-norm": {
-        "sites": 3, "config": {},
+        "sites": 3, "config": PIXELS,
         "grid": {"max-grad-norm": [0.1, 0.3, 3.0]},
     },
     # the default job's 10 rounds take about 3 of the 5 minutes it may use: more rounds (more, noisier
     # steps for the same epsilon) with a slower step-size decay
     "more-rounds": {
-        "sites": 3, "config": {},
+        "sites": 3, "config": PIXELS,
         "grid": {"num-server-rounds": [14], "learning-rate-decay": [0.85, 0.9]},
     },
     # the benchmark's low-data regime (9 sites, 240 training examples each): batch size and step size
     # of its DP methods
     "low-data": {
-        "sites": 9, "config": {"max-examples-per-site": 300},
+        "sites": 9, "config": {**PIXELS, "max-examples-per-site": 300},
         "grid": {"batch-size": [32, 64, 128], "learning-rate": [0.005, 0.02]},
     },
     # the benchmark's full preset (10 sites of 4800 training images, 32 experts): a site holds a quarter
@@ -81,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # a quick grid for trying the driver
     "smoke": {
-        "sites": 3, "config": {"num-server-rounds": 2, "max-examples-per-site": 1000},
+        "sites": 3, "config": {**PIXELS, "num-server-rounds": 2, "max-examples-per-site": 1000},
         "grid": {"batch-size": [64, 256]},
     },
 }

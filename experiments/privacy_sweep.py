@@ -24,21 +24,21 @@ from typing import Any
 
 from .benchmark import PRESETS as BENCHMARK_PRESETS
 from .launch import Target, exit_on_sigterm, run_app
-from .reporting import chosen_preset, driver_parser, markdown_table, progress, read_rows, save_axes, write_rows
+from .reporting import PIXELS, chosen_preset, driver_parser, markdown_table, progress, read_rows, save_axes, write_rows
 
 PRESETS = {
     "smoke": {
         "epsilons": [1.0, 2.0, 4.0, 8.0, math.inf],
         "seeds": [0],
         "sites": 3,
-        "config": {"num-server-rounds": 3, "max-examples-per-site": 2000, "partitioning": "domain",
+        "config": {**PIXELS, "num-server-rounds": 3, "max-examples-per-site": 2000, "partitioning": "domain",
                    "batch-size": 64, "learning-rate": 0.002},
     },
     "full": {
         "epsilons": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf],
         "seeds": [0, 1, 2],
         "sites": 3,
-        "config": {"num-server-rounds": 5, "max-examples-per-site": 6000, "partitioning": "domain",
+        "config": {**PIXELS, "num-server-rounds": 5, "max-examples-per-site": 6000, "partitioning": "domain",
                    "batch-size": 64, "learning-rate": 0.002},
     },
     # the default job as it is (all data, 10 rounds, the tuned DP recipe of BENCHMARKS.md)
@@ -46,7 +46,7 @@ PRESETS = {
         "epsilons": [0.5, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0, math.inf],
         "seeds": [0, 1, 2],
         "sites": 3,
-        "config": {},
+        "config": PIXELS,
     },
     # the benchmark's full preset (10 sites, 32 experts, domain split) with its DP recipe, at the
     # budgets below epsilon 8 whose targets the utility issue names

@@ -11,6 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+# The image presets of the drivers were measured (BENCHMARKS.md) with the classifier reading
+# pixels, before features=scattering became the default (2026-11-26): they keep pixels so that
+# their commands still give those numbers.
+PIXELS: dict[str, Any] = {"features": "pixels"}
+
 
 def progress(done: int, total: int, started: float, label: str, width: int = 30) -> None:
     """One-line progress bar on stderr with elapsed time and a linear ETA."""

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .launch import exit_on_sigterm, run_app
-from .reporting import add_run_config_argument, checked_run_config, parse_overrides, save_json
+from .reporting import PIXELS, add_run_config_argument, checked_run_config, parse_overrides, save_json
 
 
 def tree_rss(root: int) -> int:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     add_run_config_argument(parser)
     args = parser.parse_args(argv)
-    overrides = {"num-server-rounds": args.rounds, "partitioning": "iid", "dp": False}
+    overrides = {**PIXELS, "num-server-rounds": args.rounds, "partitioning": "iid", "dp": False}
     overrides = checked_run_config(overrides | parse_overrides(args.run_config))
     started = time.time()
     with PeakMemory() as memory:

@@ -177,7 +177,11 @@ class RunConfig:
     # Model
     d_model: int = _key(64, _at_least(1), "token width")
     head: str = _key("linear", _choice("linear", "fixed-etf"), "fmnist classifier head: linear (learned) or fixed-etf (fixed simplex-ETF class vectors, never trained or sent)")
-    patch_size: int = _key(7, _at_least(1), "image patch side; tokens = (28 / patch-size)^2")
+    features: str = _key("scattering", _choice("pixels", "scattering"),
+                         "fmnist, images: what the classifier's tokens are cut from: the pixels, or their scattering "
+                         "features (fixed, no parameters: fedmoe.data.scattering)")
+    patch_size: int = _key(0, _at_least(0), "side of a token's square on the input grid (28 x 28 pixels, or the 8 x 8 "
+                           "scattering grid); 0: a 4 x 4 grid of tokens (7 on pixels, 2 on scattering features)")
     num_moe_layers: int = _key(1, _at_least(1), "MoE blocks (charlm: transformer layers, each attention + MoE)")
     num_heads: int = _key(4, _at_least(1), "charlm, hf-moe: attention heads")
     hf_model: str = _key("mixtral", _choice(*FAMILIES), "hf-moe: the transformers MoE family of a model built from "
@@ -245,8 +249,16 @@ class RunConfig:
             problems.append(f"run config 'adapter': adapters are for task=hf-moe, got adapter={self.adapter!r} with task={self.task!r}")
         if self.task in ("charlm", "hf-moe") and self.attack == "backdoor":
             problems.append("run config 'attack': the backdoor trigger is an image patch (task=fmnist), got 'backdoor'")
-        if self.patch_size > 0 and self.image_size > 0 and self.image_size % self.patch_size:
-            problems.append(f"run config 'patch-size': must divide image-size ({self.image_size}), got {self.patch_size}")
+        grid, _, _ = self.input_grid()
+        if self.patch_size > 0 and grid % self.patch_size:
+            problems.append(f"run config 'patch-size': must divide the input grid ({grid}: image-size with "
+                            f"features={self.features!r}), got {self.patch_size}")
+        if not self.patch_size and grid % 4:
+            problems.append(f"run config 'patch-size': 0 cuts the input grid ({grid}) into 4 x 4 tokens; "
+                            f"give a patch size that divides it")
+        if self.attack == "backdoor" and self.features != "pixels":
+            problems.append("run config 'features': the backdoor trigger is stamped on pixels, "
+                            f"attack=backdoor needs features='pixels', got {self.features!r}")
         if self.task == "fmnist" and (self.image_size, self.image_channels) != (28, 1):
             problems.append(f"run config 'image-size' / 'image-channels': Fashion-MNIST images are 28 x 28 x 1, "
                             f"got {self.image_size} x {self.image_size} x {self.image_channels}")
@@ -313,12 +325,23 @@ class RunConfig:
         return ServerOptimizer(self.server_optimizer, self.server_learning_rate, self.server_momentum,
                                self.server_beta2, self.server_tau)
 
+    def input_grid(self) -> tuple[int, int, int]:
+        """(side, channels, patch side) of what the image classifier reads: the image, or its
+        scattering features (fedmoe.data.scattering); patch-size 0 makes 4 x 4 tokens."""
+        side, channels = self.image_size, self.image_channels
+        if self.features == "scattering":
+            from .data.scattering import COEFFICIENTS, scattering_grid
+
+            side, channels = scattering_grid(side), channels * COEFFICIENTS
+        return side, channels, self.patch_size or max(side // 4, 1)
+
     def model_config(self, num_classes: int = 10) -> MoEConfig:
         from .models.moe import MoEConfig
 
+        side, channels, patch = self.input_grid()
         return MoEConfig(
-            image_size=self.image_size, in_channels=self.image_channels, num_classes=num_classes,
-            patch_size=self.patch_size, head=self.head, d_model=self.d_model, num_moe_layers=self.num_moe_layers,
+            image_size=side, in_channels=channels, num_classes=num_classes,
+            patch_size=patch, head=self.head, d_model=self.d_model, num_moe_layers=self.num_moe_layers,
             num_experts=self.num_experts, top_k=self.top_k, expert_hidden=self.expert_hidden,
             router_noise=self.router_noise, aux_loss_weight=self.aux_loss_weight,
             z_loss_weight=self.z_loss_weight,

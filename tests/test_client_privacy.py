@@ -96,7 +96,7 @@ def test_budget_guard_declines_to_train_instead_of_overspending(tmp_path):
 
 @pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
 def test_frozen_experts_unchanged_after_dp_training(mode):
-    cfg = RunConfig.from_run_config({"d-model": 16, "expert-hidden": 16, "num-experts": 4})
+    cfg = RunConfig.from_run_config({"features": "pixels", "d-model": 16, "expert-hidden": 16, "num-experts": 4})
     torch.manual_seed(0)
     model = MoEClassifier(cfg.model_config())
     freeze_inactive_experts(model, [2])

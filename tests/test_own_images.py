@@ -81,7 +81,7 @@ def test_arrays_come_from_the_disk_cache_the_second_time(tmp_path, monkeypatch):
 
 def test_the_images_task_sizes_the_model_to_the_data(tmp_path):
     write_tree(tmp_path / "tree", size=12)
-    cfg = RunConfig.from_run_config({"task": "images", "data-path": str(tmp_path / "tree"), "image-size": 12,
+    cfg = RunConfig.from_run_config({"task": "images", "features": "pixels", "data-path": str(tmp_path / "tree"), "image-size": 12,
                                      "patch-size": 4, "partitioning": "iid", "d-model": 8, "expert-hidden": 8})
     model = tasks.build_model(cfg)
     train_x, train_y, test_x, test_y = tasks.site_data(cfg, 0, 2)
@@ -95,7 +95,7 @@ def test_the_images_task_sizes_the_model_to_the_data(tmp_path):
     ({"task": "images", "data-path": "/nonexistent/images"}, "data-path"),
     ({"partitioning": "column"}, "partitioning"),
     ({"image-size": 32}, "image-size"),
-    ({"task": "images", "data-path": "/tmp", "image-size": 30}, "patch-size"),
+    ({"task": "images", "features": "pixels", "data-path": "/tmp", "image-size": 30}, "patch-size"),
     ({"image-channels": 2}, "image-channels"),
     ({"task": "no_such_module:Task"}, "task"),
     ({"task": "not a task"}, "task"),

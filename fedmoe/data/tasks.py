@@ -74,6 +74,16 @@ class Task:
         fedmoe's checkpoint (nothing by default)."""
 
 
+def classifier_inputs(cfg: RunConfig, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Images [N, C, H, W] as the classifier reads them: as they are, or their scattering features
+    (features=scattering, fedmoe.data.scattering); other tensors (labels) unchanged."""
+    if cfg.features != "scattering":
+        return tensors
+    from .scattering import cached_scattering_features
+
+    return tuple(cached_scattering_features(t) if t.dim() == 4 else t for t in tensors)
+
+
 class FashionMNISTTask(Task):
     def build_model(self, cfg: RunConfig) -> nn.Module:
         from ..models.moe import MoEClassifier
@@ -88,13 +98,13 @@ class FashionMNISTTask(Task):
             domains_per_site=cfg.domains_per_site, seed=cfg.seed, test_fraction=cfg.site_test_fraction,
             source=cfg.data_source, max_examples=cfg.max_examples_per_site,
         )
-        return (*images.train.tensors(), *images.test.tensors())
+        return classifier_inputs(cfg, *images.train.tensors(), *images.test.tensors())
 
     def global_test(self, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """The official 10k test images."""
         from .fashion_mnist import load_global_test
 
-        return load_global_test(cfg.data_source).tensors()
+        return classifier_inputs(cfg, *load_global_test(cfg.data_source).tensors())
 
     def site_label(self, cfg: RunConfig, site: int) -> str:
         """The partition id, with its domain when each site holds one (site i: domain i mod 3)."""
@@ -125,10 +135,10 @@ class OwnImagesTask(Task):
 
         train, test = own_site(self.data(cfg), site, num_sites, cfg.partitioning, cfg.dirichlet_alpha,
                                cfg.domains_per_site, cfg.seed, cfg.site_test_fraction, cfg.max_examples_per_site)
-        return (*train.tensors(), *test.tensors())
+        return classifier_inputs(cfg, *train.tensors(), *test.tensors())
 
     def global_test(self, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data(cfg).test.tensors()
+        return classifier_inputs(cfg, *self.data(cfg).test.tensors())
 
 
 class CharLMTask(Task):
