@@ -28,7 +28,7 @@ def reference_features(batch: torch.Tensor) -> np.ndarray:
 
 
 def test_features_are_the_normalised_scattering_coefficients_of_each_image_alone(monkeypatch):
-    monkeypatch.setattr(scattering, "BATCH", 3)  # batches of 3: a batch boundary inside the 5 images
+    monkeypatch.setattr(scattering, "BATCH_PIXELS", 3 * 28 * 28)  # batches of 3: a boundary inside the 5 images
     batch = images(5)
     features = scattering.scattering_features(batch)
     assert features.shape == (5, 81, 8, 8)

@@ -29,7 +29,7 @@ J = 2
 ANGLES = 8
 COEFFICIENTS = 1 + J * ANGLES + ANGLES**2 * J * (J - 1) // 2  # per input channel: 81
 GROUP = 3  # coefficients normalised together (Tramèr & Boneh: 27 groups of the 81)
-BATCH = 2000  # images per transform call: bounds kymatio's FFT buffers
+BATCH_PIXELS = 2000 * 28 * 28  # input values per transform call: bounds kymatio's FFT buffers
 
 
 def scattering_grid(image_size: int) -> int:
@@ -48,12 +48,13 @@ def scattering_features(images: torch.Tensor) -> torch.Tensor:
     n, c, h, w = images.shape
     transform = ScatteringTorch2D(J=J, shape=(h, w), L=ANGLES)
     grid = scattering_grid(h)
+    batch = max(1, BATCH_PIXELS // (c * h * w))
     out = images.new_zeros(n, c * COEFFICIENTS, grid, grid)
     with torch.no_grad():
-        for start in range(0, n, BATCH):
-            coefficients = transform(images[start : start + BATCH].float()).flatten(1, 2)  # [B, C*81, h', w']
+        for start in range(0, n, batch):
+            coefficients = transform(images[start : start + batch].float()).flatten(1, 2)  # [B, C*81, h', w']
             normalised = F.group_norm(coefficients, c * COEFFICIENTS // GROUP)
-            out[start : start + BATCH, :, : normalised.shape[2], : normalised.shape[3]] = normalised
+            out[start : start + batch, :, : normalised.shape[2], : normalised.shape[3]] = normalised
     return out
 
 
