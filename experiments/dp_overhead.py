@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds[mode].append(epoch_seconds(mode, inputs, targets, cfg))
     times = {mode: statistics.median(values) for mode, values in seconds.items()}
     result = {
-        "task": args.task, "features": cfg.features if args.task == "fmnist" else None, "examples": args.examples, "batch_size": cfg.batch_size, "threads": 1,
+        "task": args.task, "features": cfg.features if args.task == "fmnist" else None,
+        "examples": args.examples, "batch_size": cfg.batch_size, "threads": 1,
         "epoch_seconds": {k: round(v, 3) for k, v in times.items()},
         "overhead": {mode: round(times[mode] / times["none"], 2) for mode in DP_MODES},
     }

@@ -25,12 +25,12 @@ from .reporting import PIXELS, chosen_preset, driver_parser, markdown_table, pro
 PRESETS: dict[str, dict[str, Any]] = {
     # the default job (3 sites, domain split, 10 rounds, DP at epsilon 8): batch size and step size
     "batch-lr": {
-        "sites": 3, "config": PIXELS,
+        "sites": 3, "config": {**PIXELS},
         "grid": {"batch-size": [64, 256, 1024], "learning-rate": [0.002, 0.005, 0.01]},
     },
     # batch-lr's best was its largest batch with its largest step size: both further, and more epochs
     "large-batch": {
-        "sites": 3, "config": PIXELS,
+        "sites": 3, "config": {**PIXELS},
         "grid": {"batch-size": [1024, 2048], "learning-rate": [0.02, 0.04], "local-epochs": [1, 2]},
     },
     # large-batch's best (1024, 0.04, one epoch): step size and its decay over rounds, and less of
@@ -51,19 +51,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # label skew (each site holds other classes) pulls a learned head towards each site's classes:
     # a fixed simplex-ETF head against the learned one, with and without DP
     "fixed-head": {
-        "sites": 3, "config": PIXELS,
+        "sites": 3, "config": {**PIXELS},
         "grid": {"head": ["fixed-etf", "linear"], "dp": [False, True]},
     },
     # the clipping norm: with Adam the step does not scale with it, so a small norm (most per-sample
     # gradients clipped, i.e. normalised) trades clipping bias for relatively less noise
     "clip-norm": {
-        "sites": 3, "config": PIXELS,
+        "sites": 3, "config": {**PIXELS},
         "grid": {"max-grad-norm": [0.1, 0.3, 3.0]},
     },
     # the default job's 10 rounds take about 3 of the 5 minutes it may use: more rounds (more, noisier
     # steps for the same epsilon) with a slower step-size decay
     "more-rounds": {
-        "sites": 3, "config": PIXELS,
+        "sites": 3, "config": {**PIXELS},
         "grid": {"num-server-rounds": [14], "learning-rate-decay": [0.85, 0.9]},
     },
     # the benchmark's low-data regime (9 sites, 240 training examples each): batch size and step size

@@ -46,7 +46,7 @@ PRESETS = {
         "epsilons": [0.5, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0, math.inf],
         "seeds": [0, 1, 2],
         "sites": 3,
-        "config": PIXELS,
+        "config": {**PIXELS},
     },
     # the benchmark's full preset (10 sites, 32 experts, domain split) with its DP recipe, at the
     # budgets below epsilon 8 whose targets the utility issue names
