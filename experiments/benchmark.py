@@ -364,6 +364,10 @@ def headline(results: dict[str, dict[str, Any]]) -> dict[str, float]:
         for name, other in results.items():
             if name != "expert_matched" and "final_bits_per_char" in other:
                 out[f"bits_per_char_expert_matched_minus_{name}"] = em["final_bits_per_char"] - other["final_bits_per_char"]
+                # each site on its own held-out text: the federated model has to win there too
+                gaps = [em["per_site_bits_per_char"][site] - bpc for site, bpc in other["per_site_bits_per_char"].items()]
+                out[f"per_site_bits_per_char_expert_matched_minus_{name}"] = float(np.mean(gaps))
+                out[f"sites_with_lower_bits_per_char_expert_matched_than_{name}"] = sum(gap < 0 for gap in gaps)
     return out
 
 
@@ -396,7 +400,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         "local_only: final_accuracy is the mean over the sites' own models on the global test set; "
         "centralized: uplink is the pooled raw training data.", "",
     ]
-    lines += [f"- {key}: {value:.4f}" for key, value in report["headline"].items()]
+    lines += [f"- {key}: {value}" if isinstance(value, int) else f"- {key}: {value:.4f}"
+              for key, value in report["headline"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -187,3 +187,17 @@ def test_an_interrupted_sweep_runs_only_what_is_missing_and_keeps_the_rest(tmp_p
     assert [(r["run"], r["dp"], r["final_accuracy"]) for r in rows] == [("no-dp-seed0", False, 0.9),
                                                                         ("eps=1-seed0", True, 0.7)]
     assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 3
+
+
+def test_language_model_headline_compares_each_site_on_its_own_text():
+    from experiments.benchmark import headline
+
+    run = {"final_accuracy": 0.3, "per_site_accuracy": {"0": 0.3, "1": 0.3, "2": 0.3}}
+    results = {
+        "expert_matched": {**run, "final_bits_per_char": 4.0, "per_site_bits_per_char": {"0": 4.0, "1": 5.0, "2": 3.0}},
+        "local_only": {**run, "final_bits_per_char": 9.0, "per_site_bits_per_char": {"0": 4.5, "1": 4.8, "2": 3.5}},
+    }
+    out = headline(results)
+    assert out["bits_per_char_expert_matched_minus_local_only"] == pytest.approx(-5.0)
+    assert out["per_site_bits_per_char_expert_matched_minus_local_only"] == pytest.approx((-0.5 + 0.2 - 0.5) / 3)
+    assert out["sites_with_lower_bits_per_char_expert_matched_than_local_only"] == 2
