@@ -86,6 +86,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "config": {**BENCHMARK_PRESETS["full"]["config"], "features": "scattering"},
         "grid": {"batch-size": [128, 256], "learning-rate": [0.02, 0.04]},
     },
+    # full-scattering's best was batch 256 at its larger step size: larger steps and batches (run it
+    # into the same --out, where the points full-scattering ran are not run again)
+    "full-scattering-larger": {
+        "sites": BENCHMARK_PRESETS["full"]["sites"],
+        "config": {**BENCHMARK_PRESETS["full"]["config"], "features": "scattering"},
+        "grid": {"batch-size": [256, 512], "learning-rate": [0.04, 0.08]},
+    },
     # a quick grid for trying the driver
     "smoke": {
         "sites": 3, "config": {**PIXELS, "num-server-rounds": 2, "max-examples-per-site": 1000},
