@@ -23,8 +23,7 @@ from .launch import Target, exit_on_sigterm, run_app
 from .reporting import PIXELS, chosen_preset, driver_parser, markdown_table, progress, read_rows, write_rows
 
 # the benchmark's full preset on scattering features (the default input since 2026-11-26)
-FULL_ON_FEATURES = {"sites": BENCHMARK_PRESETS["full"]["sites"],
-                    "config": {**BENCHMARK_PRESETS["full"]["config"], "features": "scattering"}}
+FULL_ON_FEATURES = {key: BENCHMARK_PRESETS["full-scattering"][key] for key in ("sites", "config")}
 PRESETS: dict[str, dict[str, Any]] = {
     # the default job (3 sites, domain split, 10 rounds, DP at epsilon 8): batch size and step size
     "batch-lr": {
