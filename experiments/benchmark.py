@@ -1,7 +1,7 @@
 """Benchmark: expert-matched federation against FedAvg, a dense model, isolated sites and pooled
 data, on the same split, seed and number of rounds.
 
-    python -m experiments.benchmark --preset smoke|full|full-scattering|low-data|low-data-dirichlet|charlm-smoke|charlm-full|hf-smoke --out DIR
+    python -m experiments.benchmark --preset smoke|smoke-scattering|full|full-scattering|low-data|low-data-dirichlet|charlm-smoke|charlm-full|hf-smoke --out DIR
                                     [--target simulation|CONNECTION] [--seeds 0,1,2]
                                     [--methods expert_matched,fedavg_full_moe,...]
 
@@ -118,6 +118,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # full-scattering-larger (BENCHMARKS.md): 0.8418 at batch 256 / 0.04 against 0.8306-0.8341 at full's 256 / 0.02
 PRESETS["full-scattering"] = {**PRESETS["full"], "config": {**PRESETS["full"]["config"], "features": "scattering"},
                               "dp-config": {"batch-size": 256, "learning-rate": 0.04}}
+# the smoke preset on scattering features; its DP recipe from dp_tuning --preset smoke-scattering (BENCHMARKS.md)
+PRESETS["smoke-scattering"] = {**PRESETS["smoke"], "config": {**PRESETS["smoke"]["config"], "features": "scattering"},
+                               "dp-config": {"batch-size": 256, "learning-rate": 0.02}}
 # the experimenter holds every site's data: per-site test metrics under DP are asked for on purpose
 DP = {"dp": True, "target-epsilon": 8.0, "dp-site-evaluation": True}
 FEDERATED = {
