@@ -71,8 +71,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "charlm-full": {
         "sites": 8,
         # the comparison this preset exists for runs first (fedavg_dense: the MoE's active width, dense)
-        "methods": ("expert_matched", "fedavg_dense", "local_only", "expert_matched_dp", "fedavg_full_moe",
-                    "centralized"),
+        "methods": ("expert_matched", "fedavg_dense", "local_only", "expert_matched_personal", "expert_matched_dp",
+                    "fedavg_full_moe", "centralized"),
         "config": {"task": "charlm", "num-moe-layers": 2, "seq-len": 64, "num-server-rounds": 10,
                    "max-examples-per-site": 6000, "batch-size": 32, "learning-rate": 0.002, "seed": 0},
     },

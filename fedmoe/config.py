@@ -142,7 +142,7 @@ class RunConfig:
     attack_target_label: int = _key(0, _in_range(0, 9), "label a backdoor trigger should produce")
     attack_expert: int = _key(-1, _at_least(-1), "global expert id the scale attack targets (-1: the attacker's least-used expert outside its active set)")
     # Personal parts each site keeps and never sends (fedmoe.federation.personalization)
-    personalize: str = _key("none", _personal_parts, "none, or parts each site keeps for itself: head, router (comma-separated)")
+    personalize: str = _key("none", _personal_parts, "none, or parts each site keeps for itself: head, router, expert (comma-separated)")
     # Local training
     local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
     batch_size: int = _key(1024, _at_least(1), "expected local batch size (under DP the logical batch of each noisy step)")
@@ -247,6 +247,9 @@ class RunConfig:
                             f"({self.num_moe_layers * self.num_experts}), got {self.attack_expert}")
         if self.adapter != "none" and self.task != "hf-moe":
             problems.append(f"run config 'adapter': adapters are for task=hf-moe, got adapter={self.adapter!r} with task={self.task!r}")
+        if _personal_parts(self.personalize) is None and self.personal_expert and self.task not in ("fmnist", "images", "charlm"):
+            problems.append(f"run config 'personalize': a personal expert is built into fedmoe's own models "
+                            f"(task fmnist, images or charlm), not task={self.task!r}")
         if self.task in ("charlm", "hf-moe") and self.attack == "backdoor":
             problems.append("run config 'attack': the backdoor trigger is an image patch (task=fmnist), got 'backdoor'")
         grid, _, _ = self.input_grid()
@@ -344,8 +347,15 @@ class RunConfig:
             patch_size=patch, head=self.head, d_model=self.d_model, num_moe_layers=self.num_moe_layers,
             num_experts=self.num_experts, top_k=self.top_k, expert_hidden=self.expert_hidden,
             router_noise=self.router_noise, aux_loss_weight=self.aux_loss_weight,
-            z_loss_weight=self.z_loss_weight,
+            z_loss_weight=self.z_loss_weight, personal_expert=self.personal_expert,
         )
+
+    @property
+    def personal_expert(self) -> bool:
+        """Whether each MoE layer has an expert that every site keeps (personalize=expert)."""
+        from .federation.personalization import parse_parts
+
+        return "expert" in parse_parts(self.personalize)
 
 
 def launch_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -72,10 +72,15 @@ def test_image_moe_step_is_the_mean_of_clipped_per_sample_gradients(mode):
 
 
 def test_charlm_step_is_the_mean_of_clipped_per_sample_gradients():
-    """Byte embedding, causal attention, two MoE layers, LM head over every position."""
+    """Byte embedding, causal attention, two MoE layers with a personal expert beside the routed
+    ones (its zero-initialised output layer drawn at random here), LM head over every position."""
     torch.manual_seed(0)
     model = CharMoETransformer(CharLMConfig(seq_len=12, d_model=16, num_heads=2, num_moe_layers=2, num_experts=4,
-                                            top_k=2, expert_hidden=16, router_noise=0.0))
+                                            top_k=2, expert_hidden=16, router_noise=0.0, personal_expert=True))
+    with torch.no_grad():
+        for layer in model.moe_layers:
+            for p in layer.personal_expert.w_out.parameters():
+                p.normal_()
     freeze_inactive_experts(model, [1, 6])
     windows = torch.randint(0, 256, (6, 13))
     assert_step_is_the_clipped_mean(model, TensorDataset(windows[:, :-1], windows[:, 1:]), "bookkeeping")

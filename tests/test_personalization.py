@@ -1,6 +1,8 @@
 """Personal parts (fedmoe.federation.personalization): which tensors they are, that they never leave a site,
 that the server neither expects nor aggregates them, and that a restarted site gets them back."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -27,8 +29,30 @@ def test_parts_name_the_head_and_the_routers():
     assert personalization.personal_keys(image, "none") == frozenset()
     text = CharMoETransformer(CharLMConfig(num_moe_layers=1)).state_dict()
     assert personalization.personal_keys(text, "head") == {"head.weight", "head.bias"}
+    with_expert = CharMoETransformer(CharLMConfig(num_moe_layers=2, personal_expert=True)).state_dict()
+    assert personalization.personal_keys(with_expert, "expert") == {
+        f"moe_layers.{layer}.personal_expert.{linear}.{p}" for layer in (0, 1) for linear in ("w_in", "w_out")
+        for p in ("weight", "bias")}
+    assert RunConfig.from_run_config({"task": "charlm", "personalize": "expert,head"}).personal_expert
+    with pytest.raises(ConfigError, match="run config 'personalize': a personal expert .* not task='hf-moe'"):
+        RunConfig.from_run_config({"task": "hf-moe", "personalize": "expert"})
     with pytest.raises(ConfigError, match="run config 'personalize': unknown personal parts \\['experts'\\]"):
         RunConfig.from_run_config({"personalize": "head,experts"})
+
+
+@pytest.mark.parametrize("model", [MoEClassifier, CharMoETransformer])
+def test_a_personal_expert_starts_silent(model):
+    """Until a site trains it, the personal expert adds nothing: the model computes what the same
+    weights compute without it, so the global model (which never trains it) is the plain MoE."""
+    config = MoEConfig(num_moe_layers=2) if model is MoEClassifier else CharLMConfig(num_moe_layers=2, seq_len=16)
+    torch.manual_seed(0)
+    plain = model(config).eval()
+    grafted = model(dataclasses.replace(config, personal_expert=True)).eval()
+    missing = grafted.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(".personal_expert." in key for key in missing)
+    inputs = torch.randn(4, 1, 28, 28) if model is MoEClassifier else torch.randint(0, 256, (4, 16))
+    assert torch.equal(grafted(inputs)[0], plain(inputs)[0])
+    assert any(p.abs().sum() > 0 for p in grafted.moe_layers[0].personal_expert.parameters())  # not all zeros
 
 
 @pytest.mark.parametrize("rules", [RobustRules(), RobustRules(rule="median", update_norm_bound=100.0)], ids=["plain", "robust"])
@@ -54,18 +78,21 @@ def test_the_server_rejects_a_reply_carrying_a_personal_part_and_keeps_the_globa
 
 
 @needs_fmnist
-def test_personal_parts_never_leave_the_site_and_survive_a_restart(tmp_path):
+@pytest.mark.parametrize("part, kept", [("head", "head.weight"), ("expert", "moe_layers.0.personal_expert.w_out.weight")])
+def test_personal_parts_never_leave_the_site_and_survive_a_restart(tmp_path, part, kept):
     cfg = run_config({"dp": True, "num-server-rounds": 3, "max-examples-per-site": 200, "d-model": 16,
                       "expert-hidden": 16, "batch-size": 32, "noise-multiplier": 1.0, "target-epsilon": 100.0,
-                      "personalize": "head", "dp-site-evaluation": True})
+                      "personalize": part, "dp-site-evaluation": True})
     model = global_model(cfg)
+    personal = {k for k in model.state_dict() if (k.startswith("head.") if part == "head" else ".personal_expert." in k)}
+    assert kept in personal and len(personal) == (2 if part == "head" else 4)
     state = tmp_path / "site"
     sent = reply_arrays(client_app(message(model, 1, tmp_path / "run"), context(cfg, state)))
-    assert not any(k.startswith("head.") for k in sent) and "embed.weight" in sent
+    assert not personal & set(sent) and "embed.weight" in sent
     saved = torch.load(state / "run" / PERSONAL_FILE, weights_only=True)
-    assert set(saved) == {"head.weight", "head.bias"}
-    assert not torch.equal(saved["head.weight"], model.state_dict()["head.weight"])  # trained (with DP-SGD)
-    # the node restarts (empty Context.state): its evaluation uses the head it kept
+    assert set(saved) == personal
+    assert not torch.equal(saved[kept], model.state_dict()[kept])  # trained (with DP-SGD)
+    # the node restarts (empty Context.state): its evaluation uses the parts it kept
     restarted = context(cfg, state)
     metrics = client_app(message(model, 1, tmp_path / "run", MessageType.EVALUATE), restarted).content.metric_records[wire.METRICS]
     from fedmoe.data import tasks
@@ -77,7 +104,7 @@ def test_personal_parts_never_leave_the_site_and_survive_a_restart(tmp_path):
     assert metrics[wire.EVAL_ACCURACY] == accuracy and metrics[wire.EVAL_LOSS] == pytest.approx(loss, rel=1e-6)
     generic_loss, _ = evaluate(global_model(cfg), test_inputs, test_targets)
     assert generic_loss != pytest.approx(loss, rel=1e-6)
-    # and trains on from it: round 2's kept head moved on from round 1's
+    # and trains on from them: round 2's kept parts moved on from round 1's
     client_app(message(model, 2, tmp_path / "run"), restarted)
     again = torch.load(state / "run" / PERSONAL_FILE, weights_only=True)
-    assert not torch.equal(again["head.weight"], saved["head.weight"])
+    assert not torch.equal(again[kept], saved[kept])

@@ -250,6 +250,7 @@ def charlm_config(cfg: RunConfig):
         seq_len=cfg.seq_len, d_model=cfg.d_model, num_heads=cfg.num_heads, num_moe_layers=cfg.num_moe_layers,
         num_experts=cfg.num_experts, top_k=cfg.top_k, expert_hidden=cfg.expert_hidden,
         router_noise=cfg.router_noise, aux_loss_weight=cfg.aux_loss_weight, z_loss_weight=cfg.z_loss_weight,
+        personal_expert=cfg.personal_expert,
     )
 
 

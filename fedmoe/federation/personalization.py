@@ -5,6 +5,10 @@
            next-token predictor) on the shared representation, as in FedPer / FedRep
   router   every MoE layer's router (``*.router.*``; hf-moe: ``moe_layers.{l}.gate.*``): the
            site's own gating over the shared experts, as pFedMoE's personal gate
+  expert   one more expert in every MoE layer (``*.personal_expert.*``) that every token passes
+           through beside its routed ones: the site's own feed-forward capacity grafted beside
+           the shared bank, as pFedMoE / FLEx (fedmoe.models.moe.PersonalExpert; charlm and the
+           image model, not hf-moe)
 
 A site trains its personal parts in the same optimiser steps as everything else, so under DP they
 are clipped and noised with the rest: the site's whole state stays an output of the accounted
@@ -20,7 +24,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-PARTS = {"head": re.compile(r"^(hf\.lm_head|head)\."), "router": re.compile(r"(^|\.)router\.|^moe_layers\.\d+\.gate\.")}
+PARTS = {"head": re.compile(r"^(hf\.lm_head|head)\."), "router": re.compile(r"(^|\.)router\.|^moe_layers\.\d+\.gate\."),
+         "expert": re.compile(r"(^|\.)personal_expert\.")}
 
 
 def parse_parts(personalize: str) -> list[str]:

@@ -33,6 +33,7 @@ class MoEBlockConfig:
     router_noise: float = 1.0  # std of Gaussian jitter on router logits, training only
     aux_loss_weight: float = 0.01  # Switch load-balancing loss
     z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
+    personal_expert: bool = False  # one more expert in every MoE layer, always on, kept by each site (personalize=expert)
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.num_experts:
@@ -121,6 +122,25 @@ class ExpertBank(nn.Module):
         return out
 
 
+class PersonalExpert(nn.Module):
+    """A two-layer GELU MLP beside the routed experts that every token passes through, with the
+    gate 1: x [N, T, d] -> [N, T, d]. Its output layer starts at zero, so until a site trains it
+    the layer computes exactly what it would without it (the global model, which never trains
+    it, stays the plain MoE). Plain nn.Linear layers: Opacus and book-keeping clipping treat them
+    as any other linear layer.
+    """
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(d_model, hidden)
+        self.w_out = nn.Linear(hidden, d_model)
+        nn.init.zeros_(self.w_out.weight)
+        nn.init.zeros_(self.w_out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_out(F.gelu(self.w_in(x)))
+
+
 class PositionEmbedding(nn.Module):
     """A learned vector per token position, added to the tokens: x [N, S, d] -> x + weight [S, d].
 
@@ -149,7 +169,8 @@ class MoELayer(nn.Module):
 
     Router: logits = W h (no bias); while training, Gaussian noise of std ``router_noise`` is
     added before the top-k choice; the gate weights are softmax over the k chosen logits, so
-    they sum to 1 per token. Auxiliary losses per sample: ``router_losses``.
+    they sum to 1 per token. Auxiliary losses per sample: ``router_losses``. With
+    ``personal_expert`` a PersonalExpert's output is added to the routed experts' as well.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -160,6 +181,7 @@ class MoELayer(nn.Module):
         self.norm = nn.LayerNorm(config.d_model)
         self.router = nn.Linear(config.d_model, config.num_experts, bias=False)
         self.experts = ExpertBank(config.num_experts, config.d_model, config.expert_hidden)
+        self.personal_expert = PersonalExpert(config.d_model, config.expert_hidden) if config.personal_expert else None
         self.last_routing: RoutingStats | None = None
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -181,6 +203,8 @@ class MoELayer(nn.Module):
         slots = h.unsqueeze(2).expand(n, s, self.top_k, d).reshape(n, s * self.top_k, d)
         expert_out = self.experts(slots, top_index.reshape(n, s * self.top_k))
         y = x + (gates.unsqueeze(-1) * expert_out.view(n, s, self.top_k, d)).sum(dim=2)
+        if self.personal_expert is not None:
+            y = y + self.personal_expert(h)
         balance_loss, z_loss, self.last_routing = router_losses(logits, top_index)
         return y, balance_loss, z_loss
 
