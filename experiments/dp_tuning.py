@@ -104,7 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (run it into the same --out)
     "smoke-scattering-smaller": {
         **{key: BENCHMARK_PRESETS["smoke-scattering"][key] for key in ("sites", "config")},
-        "grid": {"batch-size": [64, 128], "learning-rate": [0.01, 0.02]},
+        "grid": {"batch-size": [32, 64, 128], "learning-rate": [0.005, 0.01, 0.02]},
     },
     # a quick grid for trying the driver
     "smoke": {
