@@ -22,9 +22,10 @@ from .benchmark import PRESETS as BENCHMARK_PRESETS
 from .launch import Target, exit_on_sigterm, run_app
 from .reporting import PIXELS, chosen_preset, driver_parser, markdown_table, progress, read_rows, write_rows
 
-# the benchmark's full preset on scattering features (the default input since 2026-11-26); every
-# grid point runs with the run config's DP (epsilon 8) unless the grid says otherwise
+# the benchmark's full and smoke presets on scattering features (the default input since
+# 2026-11-26); every grid point runs with the run config's DP (epsilon 8) unless the grid says otherwise
 FULL_ON_FEATURES = {key: BENCHMARK_PRESETS["full-scattering"][key] for key in ("sites", "config")}
+SMOKE_ON_FEATURES = {key: BENCHMARK_PRESETS["smoke-scattering"][key] for key in ("sites", "config")}
 PRESETS: dict[str, dict[str, Any]] = {
     # the default job (3 sites, domain split, 10 rounds, DP at epsilon 8): batch size and step size
     "batch-lr": {
@@ -97,13 +98,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the smoke preset on scattering features (3 sites of 1600 training images, 5 rounds): a batch
     # of 512 leaves a site 15 steps, one of 128 about 60
     "smoke-scattering": {
-        **{key: BENCHMARK_PRESETS["smoke-scattering"][key] for key in ("sites", "config")},
+        **SMOKE_ON_FEATURES,
         "grid": {"batch-size": [128, 256, 512], "learning-rate": [0.01, 0.02, 0.04]},
     },
     # smoke-scattering's best was its smallest batch at the middle step size: smaller batches still
     # (run it into the same --out)
     "smoke-scattering-smaller": {
-        **{key: BENCHMARK_PRESETS["smoke-scattering"][key] for key in ("sites", "config")},
+        **SMOKE_ON_FEATURES,
         "grid": {"batch-size": [32, 64, 128], "learning-rate": [0.005, 0.01, 0.02]},
     },
     # a quick grid for trying the driver
