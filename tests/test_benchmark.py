@@ -201,3 +201,19 @@ def test_language_model_headline_compares_each_site_on_its_own_text():
     assert out["bits_per_char_expert_matched_minus_local_only"] == pytest.approx(-5.0)
     assert out["per_site_bits_per_char_expert_matched_minus_local_only"] == pytest.approx((-0.5 + 0.2 - 0.5) / 3)
     assert out["sites_with_lower_bits_per_char_expert_matched_than_local_only"] == 2
+
+
+def test_a_personalised_language_model_is_compared_per_site_with_its_own_parts():
+    from experiments.benchmark import headline
+
+    run = {"final_accuracy": 0.3, "per_site_accuracy": {"0": 0.3, "1": 0.3}}
+    results = {  # the personal run's global model (final_bits_per_char) is worse than local_only; its sites are not
+        "expert_matched_personal_all": {**run, "final_bits_per_char": 6.0, "per_site_bits_per_char": {"0": 3.0, "1": 3.9}},
+        "local_only": {**run, "final_bits_per_char": 5.0, "per_site_bits_per_char": {"0": 3.5, "1": 3.8}},
+        "fedavg_dense": {**run, "final_bits_per_char": 4.0, "per_site_bits_per_char": {"0": 4.0, "1": 4.2}},
+    }
+    out = headline(results)
+    assert out["per_site_bits_per_char_expert_matched_personal_all_minus_local_only"] == pytest.approx((-0.5 + 0.1) / 2)
+    assert out["sites_with_lower_bits_per_char_expert_matched_personal_all_than_local_only"] == 1
+    assert out["per_site_bits_per_char_expert_matched_personal_all_minus_fedavg_dense"] == pytest.approx((-1.0 - 0.3) / 2)
+    assert out["sites_with_lower_bits_per_char_expert_matched_personal_all_than_fedavg_dense"] == 2
