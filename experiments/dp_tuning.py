@@ -107,11 +107,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         **SMOKE_ON_FEATURES,
         "grid": {"batch-size": [32, 64, 128], "learning-rate": [0.005, 0.01, 0.02]},
     },
-    # smoke-scattering-smaller's winner (batch 64, Adam 0.01) with more noisy steps per round: two and
-    # three local epochs, at that step size and half of it
+    # smoke-scattering-smaller's winner (batch 64, Adam 0.01) with more noisy steps per round: two,
+    # three or four local epochs, at that step size, half and twice it
     "smoke-scattering-epochs": {
         "sites": SMOKE_ON_FEATURES["sites"], "config": {**SMOKE_ON_FEATURES["config"], "batch-size": 64},
-        "grid": {"local-epochs": [2, 3], "learning-rate": [0.005, 0.01]},
+        "grid": {"local-epochs": [2, 3, 4], "learning-rate": [0.005, 0.01, 0.02]},
     },
     # a quick grid for trying the driver
     "smoke": {
