@@ -95,6 +95,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         **FULL_ON_FEATURES,
         "grid": {"batch-size": [256, 512], "learning-rate": [0.04, 0.08]},
     },
+    # full-scattering's winner (batch 256) with two local epochs: twice the noisy steps for the same epsilon
+    "full-scattering-epochs": {
+        "sites": FULL_ON_FEATURES["sites"], "config": {**FULL_ON_FEATURES["config"], "batch-size": 256},
+        "grid": {"local-epochs": [2], "learning-rate": [0.02, 0.04]},
+    },
     # the smoke preset on scattering features (3 sites of 1600 training images, 5 rounds): a batch
     # of 512 leaves a site 15 steps, one of 128 about 60
     "smoke-scattering": {
