@@ -54,7 +54,7 @@ import numpy as np
 from .launch import Target, exit_on_sigterm, run_app
 from fedmoe.plots import plot_utilisation, utilisation_panels
 
-from .reporting import PIXELS, chosen_preset, driver_parser, markdown_table, progress, save_axes
+from .reporting import PIXELS, checked_run_config, chosen_preset, driver_parser, markdown_table, progress, save_axes
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -149,6 +149,18 @@ PERSONAL = ("expert_matched_personal", "expert_matched_personal_dp", "expert_mat
 METHODS = ("expert_matched", "fedavg_full_moe", "fedavg_dense", "local_only", "centralized",
            "expert_matched_dp", "fedavg_full_moe_dp", "expert_matched_personal", "expert_matched_personal_dp",
            "expert_matched_personal_all", "expert_matched_personal_all_dp", "expert_matched_int8", "expert_matched_int4")
+
+
+def method_config(preset: dict[str, Any], method: str) -> dict[str, Any]:
+    """The run config ``method`` trains with: the preset's config, its dp-config for DP methods,
+    then the method's own keys."""
+    config = preset["config"]
+    if method in IN_PROCESS:
+        return config
+    overrides = {**config, **(preset.get("dp-config", {}) if method.endswith("_dp") else {}), **FEDERATED[method]}
+    if method == "fedavg_dense":
+        overrides.update(dense_overrides(config))
+    return overrides
 
 
 def dense_overrides(config: dict[str, Any]) -> dict[str, Any]:
@@ -261,6 +273,8 @@ def run_benchmark(preset: dict[str, Any], out: Path, target: Target = Target(),
     if earlier and (earlier["config"], earlier["sites"], earlier.get("dp-config")) == (config, sites, preset.get("dp-config")):
         report["methods"] = {m: r for m, r in earlier["methods"].items() if m in methods}  # an interrupted benchmark
     report["dp-config"] = preset.get("dp-config")
+    for method in methods:  # a method whose run config is bad fails now, not after the others ran
+        checked_run_config(method_config(preset, method))
     started = time.time()
     for i, method in enumerate(methods):
         progress(i, len(methods), started, method)
@@ -270,11 +284,8 @@ def run_benchmark(preset: dict[str, Any], out: Path, target: Target = Target(),
         if method in IN_PROCESS:
             result = train_in_process(method, config, sites)
         else:
-            overrides = {**config, **(preset.get("dp-config", {}) if method.endswith("_dp") else {}), **FEDERATED[method]}
-            if method == "fedavg_dense":
-                overrides.update(dense_overrides(config))
             shutil.rmtree(out / "runs" / method, ignore_errors=True)
-            summary = run_app(overrides, sites=sites, target=target, results_dir=out / "runs",
+            summary = run_app(method_config(preset, method), sites=sites, target=target, results_dir=out / "runs",
                               run_name=method, quiet=True)
             result = {**federated_result(summary, time.time() - t0), "run": str(out / "runs" / method)}
         report["methods"][method] = result

@@ -20,7 +20,8 @@ from typing import Any
 
 from .benchmark import PRESETS as BENCHMARK_PRESETS
 from .launch import Target, exit_on_sigterm, run_app
-from .reporting import PIXELS, chosen_preset, driver_parser, markdown_table, progress, read_rows, write_rows
+from .reporting import (PIXELS, checked_run_config, chosen_preset, driver_parser, markdown_table, progress, read_rows,
+                        write_rows)
 
 # the benchmark's full and smoke presets on scattering features (the default input since
 # 2026-11-26); every grid point runs with the run config's DP (epsilon 8) unless the grid says otherwise
@@ -139,6 +140,8 @@ def run_name(point: dict[str, Any]) -> str:
 def run_tuning(preset: dict[str, Any], out: Path, target: Target = Target()) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     points = grid_points(preset["grid"])
+    for point in points:  # a bad point fails now, not after the hours the points before it take
+        checked_run_config({**preset["config"], **point})
     columns = list(preset["grid"]) + RESULT_COLUMNS
     rows = read_rows(out / "tuning.csv")
     done = {row["run"] for row in rows}

@@ -1,0 +1,51 @@
+"""The experiment drivers' presets: every run they would make is a valid run config, and a bad one
+stops a driver before its first run instead of hours into a grid or a benchmark."""
+
+import importlib
+
+import pytest
+
+from experiments.reporting import checked_run_config, chosen_preset, driver_parser
+
+
+def chosen(module, name: str) -> dict:
+    return chosen_preset(module.PRESETS, driver_parser("", module.PRESETS).parse_args(["--preset", name, "--out", "x"]))
+
+
+@pytest.mark.parametrize("driver", ["benchmark", "dp_tuning", "privacy_sweep", "attacks"])
+def test_every_run_of_every_preset_is_a_valid_run_config(driver):
+    module = importlib.import_module(f"experiments.{driver}")
+    for name in module.PRESETS:
+        preset = chosen(module, name)  # ends the process (SystemExit 2) on a bad config
+        if driver == "benchmark":
+            for method in preset.get("methods", module.METHODS):
+                checked_run_config(module.method_config(preset, method))
+        if driver == "dp_tuning":
+            for point in module.grid_points(preset["grid"]):
+                checked_run_config({**preset["config"], **point})
+
+
+def test_a_bad_grid_point_stops_the_tuning_before_any_run(tmp_path, monkeypatch, capsys):
+    from experiments import dp_tuning
+
+    ran = []
+    monkeypatch.setattr(dp_tuning, "run_app", lambda *args, **kwargs: ran.append(args))
+    preset = {"sites": 3, "config": {"num-server-rounds": 2}, "grid": {"local-epochs": [1, 0]}}
+    with pytest.raises(SystemExit) as exit_info:
+        dp_tuning.run_tuning(preset, tmp_path)
+    assert exit_info.value.code == 2 and ran == []
+    assert "local-epochs" in capsys.readouterr().err
+
+
+def test_a_method_with_a_bad_run_config_stops_the_benchmark_before_any_run(tmp_path, monkeypatch, capsys):
+    from experiments import benchmark
+
+    ran = []
+    monkeypatch.setattr(benchmark, "run_app", lambda *args, **kwargs: ran.append(args))
+    monkeypatch.setattr(benchmark, "train_in_process", lambda *args: ran.append(args))
+    # the personal methods keep parts of a model that the hf-moe task does not have
+    preset = {"sites": 3, "config": {**benchmark.PRESETS["hf-smoke"]["config"]}}
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.run_benchmark(preset, tmp_path, methods=("local_only", "expert_matched", "expert_matched_personal_all"))
+    assert exit_info.value.code == 2 and ran == []
+    assert "personalize" in capsys.readouterr().err
