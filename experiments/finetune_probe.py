@@ -7,7 +7,7 @@ fine-tunes a copy on the site's training split without DP (Adam, the given learn
 batch size), evaluating it on the site's own test split after each epoch. This is what a site
 could do for its own predictions with a model it received: the copy would never be sent nor used
 in the shared training, so what the site sends keeps its guarantee. Prints the per-site and mean
-accuracy after 0..epochs epochs; --out writes finetune_probe.json.
+accuracy (text tasks: bits per character) after 0..epochs epochs; --out writes finetune_probe.json.
 """
 
 from __future__ import annotations
@@ -23,21 +23,28 @@ import torch
 
 from fedmoe.api import load_model
 from fedmoe.config import RunConfig
-from fedmoe.data.tasks import site_data
+from fedmoe.data.tasks import bits_per_nat, site_data
 from fedmoe.training import evaluate, make_loader, make_optimizer, train_epochs
 
 from .reporting import save_json
 
 
-def finetune_curve(model, data, epochs: int, learning_rate: float, batch_size: int, seed: int) -> list[float]:
-    """Own-test accuracy of a fine-tuned copy of ``model`` after 0..epochs epochs on the site's data."""
+def finetune_curve(model, data, epochs: int, learning_rate: float, batch_size: int, seed: int,
+                   bits_per_nat: float | None = None) -> list[float]:
+    """Own-test accuracy of a fine-tuned copy of ``model`` after 0..epochs epochs on the site's data;
+    with ``bits_per_nat`` (text), its bits per character instead."""
     inputs, targets, test_inputs, test_targets = data
     tuned = copy.deepcopy(model)
     optimizer = make_optimizer("adam", tuned.parameters(), learning_rate)
-    curve = [evaluate(tuned, test_inputs, test_targets)[1]]
+
+    def own_test() -> float:
+        loss, accuracy = evaluate(tuned, test_inputs, test_targets)
+        return accuracy if bits_per_nat is None else loss * bits_per_nat
+
+    curve = [own_test()]
     for epoch in range(epochs):
         train_epochs(tuned, make_loader(inputs, targets, batch_size, torch.Generator().manual_seed(seed + epoch)), optimizer, 1)
-        curve.append(evaluate(tuned, test_inputs, test_targets)[1])
+        curve.append(own_test())
     return curve
 
 
@@ -54,15 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RunConfig.from_run_config(summary["config"])
     num_sites = args.sites
     model = load_model(args.run_dir)
+    metric = "accuracy" if bits_per_nat(cfg) is None else "bits per character"
     curves = {}
     for site in range(num_sites):
         curves[site] = finetune_curve(model, site_data(cfg, site, num_sites), args.epochs, args.learning_rate,
-                                      args.batch_size, cfg.seed)
+                                      args.batch_size, cfg.seed, bits_per_nat(cfg, site))
         print(f"site {site}: " + " ".join(f"{a:.4f}" for a in curves[site]), flush=True)
     mean = np.mean(list(curves.values()), axis=0)
-    print("mean own-site accuracy after 0..{} epochs: ".format(args.epochs) + " ".join(f"{a:.4f}" for a in mean))
+    print(f"mean own-site {metric} after 0..{args.epochs} epochs: " + " ".join(f"{a:.4f}" for a in mean))
     save_json({"run": str(args.run_dir), "epochs": args.epochs, "learning_rate": args.learning_rate,
-               "batch_size": args.batch_size, "per_site": curves, "mean": mean.tolist()}, args.out, "finetune_probe.json")
+               "batch_size": args.batch_size, "metric": metric, "per_site": curves, "mean": mean.tolist()},
+              args.out, "finetune_probe.json")
     return 0
 
 
