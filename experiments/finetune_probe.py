@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if not (args.run_dir / "summary.json").is_file() or not (args.run_dir / "checkpoint.pt").is_file():
+        parser.error(f"{args.run_dir} is not a finished run: it needs summary.json and checkpoint.pt")
     summary = json.loads((args.run_dir / "summary.json").read_text())
     cfg = RunConfig.from_run_config(summary["config"])
     num_sites = args.sites
