@@ -390,7 +390,8 @@ def headline(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     if em and "final_bits_per_char" in em:
         for name, other in results.items():
             if name != "expert_matched" and "final_bits_per_char" in other:
-                out[f"bits_per_char_expert_matched_minus_{name}"] = em["final_bits_per_char"] - other["final_bits_per_char"]
+                if name not in PERSONAL:  # a personal run's global model keeps its initial personal parts
+                    out[f"bits_per_char_expert_matched_minus_{name}"] = em["final_bits_per_char"] - other["final_bits_per_char"]
                 out.update(site_bits_per_char_gaps(results, "expert_matched", name))
     # a personalised site is judged with its own parts on its own text (the global model has none)
     for name in PERSONAL:

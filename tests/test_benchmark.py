@@ -212,7 +212,11 @@ def test_a_personalised_language_model_is_compared_per_site_with_its_own_parts()
         "local_only": {**run, "final_bits_per_char": 5.0, "per_site_bits_per_char": {"0": 3.5, "1": 3.8}},
         "fedavg_dense": {**run, "final_bits_per_char": 4.0, "per_site_bits_per_char": {"0": 4.0, "1": 4.2}},
     }
-    out = headline(results)
+    out = headline({**results, "expert_matched": {**run, "final_bits_per_char": 4.5,
+                                                   "per_site_bits_per_char": {"0": 3.6, "1": 4.0}}})
+    assert "bits_per_char_expert_matched_minus_expert_matched_personal_all" not in out
+    assert out["per_site_bits_per_char_expert_matched_minus_expert_matched_personal_all"] == pytest.approx((0.6 + 0.1) / 2)
+    assert out["bits_per_char_expert_matched_minus_fedavg_dense"] == pytest.approx(0.5)
     assert out["per_site_bits_per_char_expert_matched_personal_all_minus_local_only"] == pytest.approx((-0.5 + 0.1) / 2)
     assert out["sites_with_lower_bits_per_char_expert_matched_personal_all_than_local_only"] == 1
     assert out["per_site_bits_per_char_expert_matched_personal_all_minus_fedavg_dense"] == pytest.approx((-1.0 - 0.3) / 2)
