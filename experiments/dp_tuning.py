@@ -116,7 +116,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # smoke-scattering-smaller's winner (batch 64, Adam 0.01) with more noisy steps per round: two,
     # three or four local epochs, at that step size, half and twice it
     "smoke-scattering-epochs": {
-        "sites": SMOKE_ON_FEATURES["sites"], "config": {**SMOKE_ON_FEATURES["config"], "batch-size": 64},
+        **SMOKE_ON_FEATURES,  # its config's batch is 64 already
         "grid": {"local-epochs": [2, 3, 4], "learning-rate": [0.005, 0.01, 0.02]},
     },
     # a quick grid for trying the driver

@@ -30,16 +30,16 @@ from .reporting import save_json
 
 
 def finetune_curve(model, data, epochs: int, learning_rate: float, batch_size: int, seed: int,
-                   bits_per_nat: float | None = None) -> list[float]:
+                   per_nat: float | None = None) -> list[float]:
     """Own-test accuracy of a fine-tuned copy of ``model`` after 0..epochs epochs on the site's data;
-    with ``bits_per_nat`` (text), its bits per character instead."""
+    with ``per_nat`` (text: bits per nat of the site's text), its bits per character instead."""
     inputs, targets, test_inputs, test_targets = data
     tuned = copy.deepcopy(model)
     optimizer = make_optimizer("adam", tuned.parameters(), learning_rate)
 
     def own_test() -> float:
         loss, accuracy = evaluate(tuned, test_inputs, test_targets)
-        return accuracy if bits_per_nat is None else loss * bits_per_nat
+        return accuracy if per_nat is None else loss * per_nat
 
     curve = [own_test()]
     for epoch in range(epochs):
