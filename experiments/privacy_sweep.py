@@ -1,6 +1,6 @@
 """Privacy-budget sweep: accuracy against epsilon on the multi-domain split.
 
-    python -m experiments.privacy_sweep --preset smoke|full|recipe|benchmark-full --out DIR [--target simulation|CONNECTION]
+    python -m experiments.privacy_sweep --preset smoke|full|recipe|benchmark-full|benchmark-smoke-scattering --out DIR [--target simulation|CONNECTION]
 
 Runs the fedmoe app (through experiments.launch) once per (target epsilon, seed) with dp=true,
 plus a dp=false reference per seed, and writes
@@ -26,6 +26,13 @@ from .benchmark import PRESETS as BENCHMARK_PRESETS
 from .launch import Target, exit_on_sigterm, run_app
 from .reporting import PIXELS, chosen_preset, driver_parser, markdown_table, progress, read_rows, save_axes, write_rows
 
+
+def benchmark_dp_job(name: str) -> dict[str, Any]:
+    """Sites and config of the benchmark preset ``name`` as its DP methods run it (config + dp-config)."""
+    preset = BENCHMARK_PRESETS[name]
+    return {"sites": preset["sites"], "config": {**preset["config"], **preset.get("dp-config", {})}}
+
+
 PRESETS = {
     "smoke": {
         "epsilons": [1.0, 2.0, 4.0, 8.0, math.inf],
@@ -50,13 +57,11 @@ PRESETS = {
     },
     # the benchmark's full preset (10 sites, 32 experts, domain split) with its DP recipe, at the
     # budgets below epsilon 8 whose targets the utility issue names
-    "benchmark-full": {
-        "epsilons": [1.0, 3.0],
-        "seeds": [0],
-        "sites": BENCHMARK_PRESETS["full"]["sites"],
-        "config": {**BENCHMARK_PRESETS["full"]["config"], **BENCHMARK_PRESETS["full"]["dp-config"]},
-        "reference": False,
-    },
+    "benchmark-full": {"epsilons": [1.0, 3.0], "seeds": [0], **benchmark_dp_job("full"), "reference": False},
+    # the benchmark's smoke preset on scattering features with its DP recipe (two local epochs): the
+    # current recipe's whole curve over 3 seeds in about 20 minutes
+    "benchmark-smoke-scattering": {"epsilons": [0.5, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0, math.inf], "seeds": [0, 1, 2],
+                                   **benchmark_dp_job("smoke-scattering")},
 }
 
 COLUMNS = ["target_epsilon", "seed", "dp", "achieved_epsilon", "final_accuracy", "uplink_bytes_total",
