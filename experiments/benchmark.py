@@ -343,9 +343,10 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
              **{f"site {s}": fmt(m["per_site_accuracy"].get(s)) for s in sites},
              "epsilon": "" if m["epsilon"] is None else f"{m['epsilon']:.3f}"} for name, m in methods.items()]
     lines = [f"Benchmark over seeds {summary['seeds']} ({summary['sites']} sites, {summary['machine']}): "
-             "mean ± sample standard deviation", "", f"config: `{json.dumps(summary['config'])}`",
-             f"DP methods also: `{json.dumps(summary['dp-config'])}`", "",
-             markdown_table(rows, list(rows[0])), ""]
+             "mean ± sample standard deviation", "", f"config: `{json.dumps(summary['config'])}`"]
+    if summary["dp-config"]:
+        lines.append(f"DP methods also: `{json.dumps(summary['dp-config'])}`")
+    lines += ["", markdown_table(rows, list(rows[0])), ""]
     lines += [f"- {key}: {fmt(value)}" for key, value in summary["headline"].items()]
     return "\n".join(lines) + "\n"
 
