@@ -147,10 +147,12 @@ def load_ledger(cfg: RunConfig, context: Context, path: Path, site: int, num_exa
     sigma = cfg.noise_multiplier or privacy.plan_noise_multiplier(
         cfg.target_epsilon, cfg.target_delta, 1.0 / steps, steps * cfg.local_epochs * cfg.num_server_rounds,
         count_releases=cfg.num_server_rounds, count_noise_multiplier=cfg.count_noise_multiplier,
+        accountant=cfg.accountant,
     )
     return privacy.PrivacyLedger(
         site=site, target_epsilon=cfg.target_epsilon, delta=cfg.target_delta, noise_multiplier=sigma,
         count_noise_multiplier=cfg.count_noise_multiplier, sample_rate=1.0 / steps, num_examples=num_examples,
+        accountant=cfg.accountant,
     )
 
 

@@ -61,8 +61,8 @@ def main(grid: Grid, context: Context) -> None:
         if warnings:
             recorder.summary["privacy_warnings"] = warnings
         if cfg.dp:
-            log(INFO, "fedmoe: differential privacy ON: DP-SGD (%s clipping, C=%s), target (epsilon=%s, delta=%s) per site, RDP accountant",
-                cfg.dp_mode, cfg.max_grad_norm, cfg.target_epsilon, cfg.target_delta)
+            log(INFO, "fedmoe: differential privacy ON: DP-SGD (%s clipping, C=%s), target (epsilon=%s, delta=%s) per site, %s accountant",
+                cfg.dp_mode, cfg.max_grad_norm, cfg.target_epsilon, cfg.target_delta, cfg.accountant.upper())
             if not cfg.dp_site_evaluation:
                 log(INFO, "fedmoe: sites do not evaluate on their own test splits under DP (those metrics would be charged "
                     "to nothing); dp-site-evaluation=true asks for them, outside the guarantee")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from experiments.launch import ROOT, toml_value
-from fedmoe.privacy.audit import audit, rdp_epsilon
+from fedmoe.privacy.audit import accountant_epsilon, audit
 from tests.sites import needs_fmnist
 
 pytestmark = needs_fmnist
@@ -90,8 +90,8 @@ def _raise_noise_everywhere(d):
     for r in site["rounds"]:
         r["charged"] = [[s * 2 if q != 1.0 else s, q, n] for s, q, n in r["charged"]]
         charged += r["charged"]
-        r["epsilon"] = rdp_epsilon(charged, site["delta"])
-    site["epsilon"] = rdp_epsilon(site["history"], site["delta"])
+        r["epsilon"] = accountant_epsilon(charged, site["delta"], "rdp")
+    site["epsilon"] = accountant_epsilon(site["history"], site["delta"], "rdp")
 
 
 def _lower_summary_epsilon(d):

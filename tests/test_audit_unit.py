@@ -7,17 +7,17 @@ import json
 import math
 
 import pytest
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedmoe.privacy.audit import audit, audit_site, close, compare_copies, rdp_epsilon
+from fedmoe.privacy.audit import accountant_epsilon, audit, audit_site, close, compare_copies
 
 CONFIG = {"dp": True, "target-epsilon": 8.0, "target-delta": 1e-5, "batch-size": 32, "local-epochs": 2,
           "count-noise-multiplier": 20.0, "noise-multiplier": 0.0, "num-server-rounds": 3, "dp-reproducible-noise": False}
 N, SIGMA = 240, 1.1  # 240 examples in batches of 32: q = 1/8, 16 steps per round (2 epochs)
 
 
-def epsilon(entries):
-    accountant = RDPAccountant()
+def epsilon(entries, accountant_type=RDPAccountant):
+    accountant = accountant_type()
     for sigma, q, steps in entries:
         for _ in range(steps):
             accountant.step(noise_multiplier=sigma, sample_rate=q)
@@ -59,7 +59,7 @@ def test_an_honest_ledger_passes():
 
 
 @pytest.mark.parametrize("change, expected", [
-    (lambda l, r: l.update(accountant="prv"), "accountant 'prv', expected 'rdp'"),
+    (lambda l, r: l.update(accountant="prv"), "accountant 'prv', the config's is 'rdp'"),
     (lambda l, r: l.update(reproducible_noise=True),
      "its noise was seeded from the run config (dp-reproducible-noise): no guarantee against the server"),
     (lambda l, r: l.update(site=1), "ledger names site 1"),
@@ -92,6 +92,26 @@ def test_each_check_fails_its_tampering(change, expected):
     assert any(re.fullmatch(pattern, p) for p in problems), problems
 
 
+def test_a_prv_ledger_is_checked_with_opacus_prv_accountant():
+    """A PRV run's epsilons, stepped in the order the rounds charged them (the audit sums each
+    mechanism's steps first), pass under accountant=prv; RDP epsilons claimed as PRV do not."""
+    ledger, rows = honest()
+    charged = []
+    for record, row in zip(ledger["rounds"], rows):
+        charged += record["charged"]
+        record["epsilon"] = row["site_epsilon"]["0"] = epsilon(charged, PRVAccountant)
+    ledger.update(accountant="prv", epsilon=ledger["rounds"][-1]["epsilon"])
+    prv = {**CONFIG, "accountant": "prv"}
+    assert problems_of(ledger, rows, prv) == []
+    assert ledger["epsilon"] < epsilon(charged) - 0.1  # the tighter bound is not RDP's
+    assert "accountant 'prv', the config's is 'rdp'" in problems_of(ledger, rows)
+
+    rdp_ledger, rdp_rows = honest()
+    rdp_ledger["accountant"] = "prv"
+    assert any(p.startswith("ledger reports epsilon") for p in problems_of(rdp_ledger, rdp_rows, prv))
+    assert "the config names accountant 'gdp', not one of ('rdp', 'prv')" in problems_of(ledger, rows, {**CONFIG, "accountant": "gdp"})
+
+
 def test_the_summary_line_states_the_accounting():
     ledger, rows = honest()
     problems, line = audit_site("0", ledger, CONFIG, rows)
@@ -100,8 +120,9 @@ def test_the_summary_line_states_the_accounting():
 
 
 def test_accounting_helpers():
-    assert rdp_epsilon([], 1e-5) == 0.0
-    assert rdp_epsilon([[0.0, 0.1, 3]], 1e-5) == math.inf and rdp_epsilon([[1.0, 0.1, 3]], 1e-5) < 10
+    assert accountant_epsilon([], 1e-5, "rdp") == 0.0
+    assert accountant_epsilon([[0.0, 0.1, 3]], 1e-5, "prv") == math.inf
+    assert accountant_epsilon([[1.0, 0.1, 3]], 1e-5, "rdp") < 10
     assert close(1.0, 1.0 + 1e-7) and not close(1.0, 1.00001) and close(0.0, 1e-13) and not close(0.0, 1e-9)
     assert close(math.inf, math.inf)
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from torch.utils.data import TensorDataset
 
 from clients.app import app as client_app
@@ -22,11 +22,11 @@ RUN = {"dp": True, "num-server-rounds": 3, "max-examples-per-site": 300, "d-mode
        "batch-size": 32, "seed": 1, "noise-multiplier": 1.3, "target-epsilon": 50.0, "count-noise-multiplier": 20.0}
 
 
-def expected_epsilons(rounds, num_examples, batch_size, sigma, sigma_counts, delta):
+def expected_epsilons(rounds, num_examples, batch_size, sigma, sigma_counts, delta, accountant_type=RDPAccountant):
     """Epsilon after each round from the config alone: per round one count release (Gaussian,
     q = 1) and ceil(n / B) DP-SGD steps at q = 1 / ceil(n / B), stepped through Opacus' accountant."""
     steps = math.ceil(num_examples / batch_size)
-    accountant, out = RDPAccountant(), []
+    accountant, out = accountant_type(), []
     for _ in range(rounds):
         accountant.step(noise_multiplier=sigma_counts, sample_rate=1.0)
         for _ in range(steps):
@@ -62,17 +62,20 @@ def test_epsilon_rises_every_round_across_a_restart_as_opacus_counts_it(tmp_path
 
 
 @needs_fmnist
-def test_planned_noise_keeps_the_whole_run_within_the_target(tmp_path):
-    cfg = run_config(RUN, **{"noise-multiplier": 0.0, "target-epsilon": 4.0})
+@pytest.mark.parametrize("accountant, accountant_type, rel", [("rdp", RDPAccountant, 1e-9), ("prv", PRVAccountant, 1e-6)])
+def test_planned_noise_keeps_the_whole_run_within_the_target(tmp_path, accountant, accountant_type, rel):
+    cfg = run_config(RUN, **{"noise-multiplier": 0.0, "target-epsilon": 4.0, "accountant": accountant})
     model = global_model(cfg)
     ctx = context(cfg, tmp_path / "s")
     epsilons = [client_app(message(model, r, tmp_path), ctx).content.metric_records[wire.METRICS][wire.EPSILON]
                 for r in (1, 2, 3)]
-    sigma = json.loads((tmp_path / "s" / tmp_path.name / "privacy_ledger.json").read_text())["noise_multiplier"]
-    assert epsilons == pytest.approx(expected_epsilons(3, 240, 32, sigma, 20.0, 1e-5), rel=1e-9)
+    ledger = json.loads((tmp_path / "s" / tmp_path.name / "privacy_ledger.json").read_text())
+    sigma = ledger["noise_multiplier"]
+    assert ledger["accountant"] == accountant
+    assert epsilons == pytest.approx(expected_epsilons(3, 240, 32, sigma, 20.0, 1e-5, accountant_type), rel=rel)
     # the plan spends the budget: within the target, and 5% less noise would exceed it
     assert 3.9 < epsilons[-1] <= 4.0
-    assert expected_epsilons(3, 240, 32, 0.95 * sigma, 20.0, 1e-5)[-1] > 4.0
+    assert expected_epsilons(3, 240, 32, 0.95 * sigma, 20.0, 1e-5, accountant_type)[-1] > 4.0
 
 
 @needs_fmnist

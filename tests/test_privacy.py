@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch.utils.data import TensorDataset
@@ -119,6 +119,59 @@ def test_count_releases_raise_the_noise_and_stay_within_target():
     assert privacy.epsilon_of([(with_counts, 0.02, 500), (20.0, 1.0, 10)], 1e-5) <= 2.0
     with pytest.raises(ValueError, match="count releases"):
         privacy.plan_noise_multiplier(0.1, 1e-5, 0.02, 500, count_releases=100, count_noise_multiplier=1.0)
+
+
+def gaussian_mechanism_epsilon(mu: float, delta: float) -> float:
+    """Exact epsilon of a Gaussian mechanism with sensitivity / sigma = mu (Balle & Wang 2018,
+    Theorem 8: delta(eps) = Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu)), by bisection."""
+    from scipy.stats import norm
+
+    def delta_of(eps):
+        return norm.cdf(mu / 2 - eps / mu) - math.exp(eps) * norm.cdf(-mu / 2 - eps / mu)
+
+    low, high = 0.0, 50.0
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if delta_of(mid) > delta else (low, mid)
+    return high
+
+
+def test_prv_epsilon_is_opacus_prv_on_the_history_in_its_order():
+    """A ledger alternates count releases and DP-SGD steps; summing each mechanism's steps first
+    (which keeps PRV fast) gives what Opacus' PRV accountant gives on the entries as charged."""
+    history = [(20.0, 1.0, 1), (1.1, 0.125, 16)] * 3
+    stepped = PRVAccountant()
+    for sigma, q, steps in history:
+        for _ in range(steps):
+            stepped.step(noise_multiplier=sigma, sample_rate=q)
+    ours = privacy.epsilon_of(history, 1e-5, "prv")
+    assert ours == pytest.approx(stepped.get_epsilon(delta=1e-5), rel=1e-6)
+    assert ours < privacy.epsilon_of(history, 1e-5, "rdp") - 0.1
+
+
+def test_prv_bounds_the_full_batch_gaussian_release_from_above_and_closely():
+    """The count release (q = 1): ten releases at sigma 5 are one Gaussian mechanism with
+    mu = sqrt(10) / 5, whose exact epsilon PRV must bound within its eps_error of 0.01."""
+    exact = gaussian_mechanism_epsilon(math.sqrt(10) / 5, 1e-5)
+    prv = privacy.epsilon_of([(5.0, 1.0, 10)], 1e-5, "prv")
+    assert exact <= prv <= exact + 0.02
+    assert privacy.epsilon_of([(5.0, 1.0, 10)], 1e-5, "rdp") > prv
+
+
+def test_prv_plans_less_noise_for_the_same_target():
+    q, steps = 1 / 15, 150
+    rdp = privacy.plan_noise_multiplier(8.0, 1e-5, q, steps, count_releases=10, count_noise_multiplier=60.0)
+    prv = privacy.plan_noise_multiplier(8.0, 1e-5, q, steps, count_releases=10, count_noise_multiplier=60.0,
+                                        accountant="prv")
+    assert 0.9 * rdp < prv < 0.97 * rdp
+
+    def opacus_prv(sigma):
+        accountant = PRVAccountant()
+        accountant.history = [(60.0, 1.0, 10), (sigma, q, steps)]
+        return accountant.get_epsilon(delta=1e-5)
+
+    assert 7.95 <= opacus_prv(prv) <= 8.0
+    assert opacus_prv(0.98 * prv) > 8.0
 
 
 def test_train_private_continues_the_ledger_history_as_one_accountant():

@@ -5,6 +5,7 @@ outsider's check of a run's epsilons from its folder (``audit``, which imports n
 from . import samplers  # noqa: F401  (registers the grad and norm samplers with Opacus)
 from .accounting import (
     ACCOUNTANT,
+    ACCOUNTANTS,
     HistoryEntry,
     PrivacyLedger,
     count_sensitivity,
@@ -17,6 +18,6 @@ from .accounting import (
 from .dp_sgd import steps_per_epoch, train_private
 
 __all__ = [
-    "ACCOUNTANT", "HistoryEntry", "PrivacyLedger", "count_sensitivity", "dp_generator", "epsilon_of",
+    "ACCOUNTANT", "ACCOUNTANTS", "HistoryEntry", "PrivacyLedger", "count_sensitivity", "dp_generator", "epsilon_of",
     "merge_history", "plan_noise_multiplier", "release_counts", "steps_per_epoch", "train_private",
 ]

@@ -3,7 +3,7 @@
     python -m fedmoe.privacy.audit RUN_DIR [--site-ledger PATH ...]
 
 For every site in ``RUN_DIR/privacy_ledger.json`` (the ledgers the sites sent) it checks, using
-only the run's files, its config and Opacus' RDP accountant:
+only the run's files, its config and the Opacus accountant the config names (RDP or PRV):
   - epsilon recomputed from the ledger history equals the epsilon the site reported (in the
     ledger, in each round's record and in summary.json's per-round table) and is within the target;
   - the history is exactly the composition of what each round says it charged, and every round
@@ -29,25 +29,31 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from opacus.accountants import RDPAccountant
+from opacus.accountants import create_accountant
 
 REL_TOL = 1e-6
+ACCOUNTANTS = ("rdp", "prv")
 
 
-def rdp_epsilon(history: list[list[float]], delta: float) -> float:
-    """Opacus' RDP accountant on a history of (noise multiplier, sample rate, steps)."""
-    return _rdp_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
+def accountant_epsilon(history: list[list[float]], delta: float, accountant: str) -> float:
+    """Opacus' ``accountant`` on a history of (noise multiplier, sample rate, steps), the steps of
+    each mechanism summed in order of first appearance (composition does not depend on order;
+    PRV is slow on long alternating histories). PRV: its upper bound at eps_error 0.01."""
+    totals: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        totals[(float(s), float(q))] = totals.get((float(s), float(q)), 0) + int(n)
+    return _accountant_epsilon(tuple((s, q, n) for (s, q), n in totals.items()), float(delta), accountant)
 
 
 @functools.lru_cache(maxsize=4096)  # an audit asks for every prefix of every site's history
-def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+def _accountant_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     if not history:
         return 0.0
     if any(sigma == 0.0 for sigma, _, _ in history):
         return math.inf
-    accountant = RDPAccountant()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta=delta))
+    counter = create_accountant(accountant)
+    counter.history = list(history)
+    return float(counter.get_epsilon(delta=delta))
 
 
 def compose(entries: list[list[float]]) -> list[tuple[float, float, int]]:
@@ -74,10 +80,17 @@ def audit_site(site: str, ledger: dict[str, Any], config: dict[str, Any], rounds
     batch, epochs = int(config["batch-size"]), int(config["local-epochs"])
     sigma, sigma_c = float(ledger["noise_multiplier"]), float(ledger["count_noise_multiplier"])
     history = [list(h) for h in ledger["history"]]
-    epsilon = rdp_epsilon(history, delta)
+    accountant = str(config.get("accountant", "rdp"))  # runs from before the key used RDP
+    if accountant not in ACCOUNTANTS:
+        problems.append(f"the config names accountant {accountant!r}, not one of {ACCOUNTANTS}")
+        accountant = "rdp"
+    if ledger.get("accountant") != accountant:
+        problems.append(f"accountant {ledger.get('accountant')!r}, the config's is {accountant!r}")
 
-    if ledger.get("accountant") != "rdp":
-        problems.append(f"accountant {ledger.get('accountant')!r}, expected 'rdp'")
+    def epsilon_of(entries: list[list[float]]) -> float:
+        return accountant_epsilon(entries, delta, accountant)
+
+    epsilon = epsilon_of(history)
     if ledger.get("reproducible_noise"):
         problems.append("its noise was seeded from the run config (dp-reproducible-noise): no guarantee against the server")
     if str(ledger.get("site")) != site:
@@ -107,7 +120,7 @@ def audit_site(site: str, ledger: dict[str, Any], config: dict[str, Any], rounds
         expected = [[sigma_c, 1.0, 1], [sigma, 1.0 / per_epoch if per_epoch else float("nan"), epochs * per_epoch]]
         if len(entries) != 2 or not all(close(float(a), float(b)) for e, x in zip(entries, expected) for a, b in zip(e, x)):
             problems.append(f"round {record['round']} charged {entries}, expected {expected}")
-        prefix = rdp_epsilon([list(h) for h in compose(charged)], delta)
+        prefix = epsilon_of([list(h) for h in compose(charged)])
         if not close(prefix, float(record["epsilon"])):
             problems.append(f"round {record['round']}: recorded epsilon {record['epsilon']}, recomputed {prefix:.6g}")
     if compose(charged) != compose(history):
@@ -136,7 +149,7 @@ def audit_site(site: str, ledger: dict[str, Any], config: dict[str, Any], rounds
             problems.append(f"noise multiplier {sigma} differs from the configured {configured}")
     elif math.isfinite(target) and per_epoch:
         total_rounds = int(config["num-server-rounds"])
-        planned = rdp_epsilon([[sigma, 1.0 / per_epoch, epochs * per_epoch * total_rounds], [sigma_c, 1.0, total_rounds]], delta)
+        planned = epsilon_of([[sigma, 1.0 / per_epoch, epochs * per_epoch * total_rounds], [sigma_c, 1.0, total_rounds]])
         if planned > target * (1 + REL_TOL):
             problems.append(f"noise multiplier {sigma} gives epsilon {planned:.4g} > target over the planned {total_rounds} rounds")
 

@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .accounting import ACCOUNTANT, PrivacyLedger
+from .accounting import PrivacyLedger
 from .bookkeeping import BookKeepingLoss
 
 
@@ -45,7 +45,7 @@ def train_private(
         # "Secure RNG turned off" speaks of Opacus' own CSPRNG (torchcsprng); our noise comes from
         # the site's secret generator, drawn in secure mode below, and the README says so
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=ACCOUNTANT)
+        engine = PrivacyEngine(accountant=ledger.accountant)
     engine.accountant.history = list(ledger.history)
     wrapped = engine.make_private(
         module=model, optimizer=optimizer, criterion=MoELoss(), data_loader=loader,
