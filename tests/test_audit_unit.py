@@ -115,7 +115,7 @@ def test_a_prv_ledger_is_checked_with_opacus_prv_accountant():
 def test_the_summary_line_states_the_accounting():
     ledger, rows = honest()
     problems, line = audit_site("0", ledger, CONFIG, rows)
-    assert line == (f"epsilon {ledger['epsilon']:.4f} (target 8, delta 1e-05) over 3 rounds: noise multiplier 1.1, "
+    assert line == (f"epsilon {ledger['epsilon']:.4f} (RDP; target 8, delta 1e-05) over 3 rounds: noise multiplier 1.1, "
                     "sample rate 0.125, 48 DP-SGD steps, 3 count releases (sigma 20)")
 
 

@@ -156,7 +156,7 @@ def audit_site(site: str, ledger: dict[str, Any], config: dict[str, Any], rounds
     # counted per round (a count release first, then the steps): with q = 1 a step's entry looks like a release
     releases = sum(int(record["charged"][0][2]) for record in ledger.get("rounds", []))
     steps = sum(int(e[2]) for record in ledger.get("rounds", []) for e in record["charged"][1:])
-    line = (f"epsilon {epsilon:.4f} (target {target:g}, delta {delta:g}) over {len(ledger_rounds)} rounds: "
+    line = (f"epsilon {epsilon:.4f} ({accountant.upper()}; target {target:g}, delta {delta:g}) over {len(ledger_rounds)} rounds: "
             f"noise multiplier {sigma:.4g}, sample rate {float(ledger['sample_rate']):.4g}, "
             f"{steps} DP-SGD steps, {releases} count releases (sigma {sigma_c:g})")
     return problems, line
