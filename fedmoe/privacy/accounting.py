@@ -4,9 +4,9 @@ site's secret DP randomness.
 Accounting is Opacus' RDP accountant (``opacus.accountants.RDPAccountant``, the default) or its
 PRV accountant (``PRVAccountant``, Gopi et al. 2021: numerical composition of privacy loss
 distributions; run config ``accountant=prv``), which proves the same noise to a smaller epsilon,
-so a target needs about 5-8% less noise. A site's ledger is one accountant history for the whole run: entries (noise multiplier, sample rate, steps) for its
-DP-SGD steps and one full-batch Gaussian entry (sigma_c, 1.0, 1) per release of its routing
-counts. The history is restored before each round and saved after it, so epsilon accumulates
+so a target needs about 5-8% less noise. A site's ledger is one accountant history for the
+whole run: entries (noise multiplier, sample rate, steps) for its DP-SGD steps and one full-batch
+Gaussian entry (sigma_c, 1.0, 1) per release of its routing counts. The history is restored before each round and saved after it, so epsilon accumulates
 over rounds and restarts exactly as one accountant that saw every step.
 
 Randomness: every draw the guarantee rests on (sampling masks, DP-SGD noise, count-release
