@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from flwr.supercore.logger import LOGGER_NAME
 
 
 def atomic_replace(path: Path, write: Callable[[str], None]) -> None:
@@ -44,6 +43,8 @@ def atomic_replace(path: Path, write: Callable[[str], None]) -> None:
 @contextlib.contextmanager
 def log_to_file(path: Path) -> Iterator[None]:
     """Flower's log (fedmoe's lines included) also goes to ``path`` while the block runs."""
+    from flwr.supercore.logger import LOGGER_NAME  # here: the privacy ledger and its audit need no Flower
+
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger(LOGGER_NAME)
