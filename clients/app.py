@@ -33,6 +33,7 @@ from fedmoe.results import atomic_torch_save, state_sha256
 from fedmoe.training import (
     evaluate as evaluate_model,
     freeze_inactive_experts,
+    iterate_average,
     make_loader,
     make_optimizer,
     round_seed,
@@ -212,17 +213,18 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
     received = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()} if compress else {}
     torch.manual_seed(seed)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(server_round))
-    if ledger is None:
-        loader = make_loader(inputs, targets, cfg.batch_size, torch.Generator().manual_seed(seed))
-        loss = train_epochs(model, loader, optimizer, cfg.local_epochs)
-    else:
-        steps_before = ledger.steps
-        privacy.train_private(model, TensorDataset(inputs, targets), cfg.batch_size, optimizer, cfg.local_epochs,
-                              ledger, cfg.max_grad_norm, cfg.dp_mode, randomness, cfg.max_physical_batch_size)
-        ledger.close_round(server_round, [count_release, (ledger.noise_multiplier, ledger.sample_rate,
-                                                          ledger.steps - steps_before)])
-        save_ledger(ledger, context, path)
-        loss = None  # computed on private examples and charged to nothing: it stays here
+    with iterate_average(model, optimizer, cfg.ema_decay):
+        if ledger is None:
+            loader = make_loader(inputs, targets, cfg.batch_size, torch.Generator().manual_seed(seed))
+            loss = train_epochs(model, loader, optimizer, cfg.local_epochs)
+        else:
+            steps_before = ledger.steps
+            privacy.train_private(model, TensorDataset(inputs, targets), cfg.batch_size, optimizer, cfg.local_epochs,
+                                  ledger, cfg.max_grad_norm, cfg.dp_mode, randomness, cfg.max_physical_batch_size)
+            ledger.close_round(server_round, [count_release, (ledger.noise_multiplier, ledger.sample_rate,
+                                                              ledger.steps - steps_before)])
+            save_ledger(ledger, context, path)
+            loss = None  # computed on private examples and charged to nothing: it stays here
     trained = trained_state(model)
     personal = {key: trained.pop(key) for key in personal_keys(trained, cfg.personalize)}
     if personal:

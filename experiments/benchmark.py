@@ -202,12 +202,13 @@ def charlm_metrics(summary: dict[str, Any]) -> dict[str, Any]:
 
 def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[str, Any]:
     """local_only (one model per site, its data only) or centralized (one model, pooled data),
-    trained as a site trains: fresh optimiser per round, the round's learning rate, local-epochs."""
+    trained as a site trains: fresh optimiser per round, the round's learning rate, local-epochs,
+    ema-decay."""
     import torch
 
     from fedmoe.data import tasks
     from fedmoe.config import RunConfig
-    from fedmoe.training import evaluate, make_loader, make_optimizer, round_seed, train_epochs
+    from fedmoe.training import evaluate, iterate_average, make_loader, make_optimizer, round_seed, train_epochs
 
     cfg = RunConfig.from_run_config(config)
     started = time.time()
@@ -228,7 +229,8 @@ def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[st
             torch.manual_seed(seed)
             optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(r))
             loader = make_loader(inputs, targets, cfg.batch_size, torch.Generator().manual_seed(seed))
-            train_epochs(model, loader, optimizer, cfg.local_epochs)
+            with iterate_average(model, optimizer, cfg.ema_decay):
+                train_epochs(model, loader, optimizer, cfg.local_epochs)
             curve.append(evaluate(model, test_inputs, test_targets))
         models[name] = model
         curves.append(curve)

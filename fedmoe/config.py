@@ -151,6 +151,8 @@ class RunConfig:
     learning_rate: float = _key(0.04, _positive, "local optimiser step size")
     learning_rate_decay: float = _key(0.85, _fraction, "client step size in round r is learning-rate * decay^(r-1)")
     optimizer: str = _key("adam", _choice("adam", "sgd"), "local optimiser")
+    ema_decay: float = _key(0.0, _in_range(0.0, 0.9999), "a site sends the exponential moving average of its local "
+                            "iterates with this decay (fedmoe.training.iterate_average; 0: the last iterate)")
     seed: int = _key(0, _at_least(0), "seed for model init, data split and training")
     # Workload (fedmoe.data.tasks)
     task: str = _key("fmnist", _task_name, "fmnist: Fashion-MNIST classifier; images: your own images at data-path; "

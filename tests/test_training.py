@@ -1,9 +1,23 @@
-"""Local training: frozen experts stay bit-identical, only trained tensors are sent."""
+"""Local training: frozen experts stay bit-identical, only trained tensors are sent, the iterate
+average a site sends."""
 
+import numpy as np
+import pytest
 import torch
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from fedmoe.models.moe import MoEClassifier, MoEConfig
-from fedmoe.training import freeze_inactive_experts, make_loader, make_optimizer, routing_counts, train_epochs, trained_state
+from fedmoe import privacy
+from fedmoe.training import (
+    freeze_inactive_experts,
+    iterate_average,
+    make_loader,
+    make_optimizer,
+    routing_counts,
+    train_epochs,
+    trained_state,
+)
 
 
 def test_frozen_experts_bit_identical_after_local_training():
@@ -41,3 +55,76 @@ def test_training_reduces_loss():
     first = train_epochs(model, loader, opt, 1)
     last = train_epochs(model, loader, opt, 5)
     assert last < first
+
+
+def test_iterate_average_of_gradient_descent_on_a_quadratic():
+    """Loss 0.5 |w - c|^2 under plain SGD: w_{t+1} = w_t - lr (w_t - c), so iterate t is
+    c + (1 - lr)^t (w_0 - c); the average follows a_{t+1} = d_t a_t + (1 - d_t) w_{t+1} with
+    d_t = min(decay, (1 + t) / (10 + t)), a_0 = w_0, worked out here in numpy."""
+    w0, c, lr, decay, steps = np.array([3.0, -1.0]), np.array([0.5, 2.0]), 0.2, 0.6, 7
+    w = nn.Parameter(torch.tensor(w0))
+    optimizer = torch.optim.SGD([w], lr=lr)
+    with iterate_average(nn.ParameterList([w]), optimizer, decay):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            (0.5 * ((w - torch.tensor(c)) ** 2).sum()).backward()
+            optimizer.step()
+    expected = w0.copy()
+    for t in range(steps):
+        d = min(decay, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * (c + (1 - lr) ** (t + 1) * (w0 - c))
+    np.testing.assert_allclose(w.detach().numpy(), expected, rtol=1e-12)
+
+
+def test_iterate_average_off_leaves_the_last_iterate_and_frozen_tensors_alone():
+    def train(decay: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = MoEClassifier(MoEConfig(d_model=16, expert_hidden=16, num_experts=4, top_k=2))
+        freeze_inactive_experts(model, [1])
+        images, labels = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+        optimizer = make_optimizer("adam", model.parameters(), 1e-2)
+        with iterate_average(model, optimizer, decay):
+            train_epochs(model, make_loader(images, labels, 16, torch.Generator().manual_seed(0)), optimizer, 1)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    torch.manual_seed(0)
+    initial = MoEClassifier(MoEConfig(d_model=16, expert_hidden=16, num_experts=4, top_k=2)).state_dict()
+    last, averaged = train(0.0), train(0.9)
+    for e in (0, 2, 3):
+        key = f"moe_layers.0.experts.w_in_{e}"
+        assert torch.equal(averaged[key], initial[key]) and torch.equal(last[key], initial[key])
+    # after 4 steps the warm-up decay is at most 0.31: the average differs from the last iterate and the start
+    for key in ("head.weight", "moe_layers.0.experts.w_in_1"):
+        assert not torch.equal(averaged[key], last[key]) and not torch.equal(averaged[key], initial[key])
+
+
+@pytest.mark.parametrize("physical", [0, 4])
+def test_iterate_average_counts_noisy_steps_under_dp(physical):
+    """Under DP-SGD the average moves once per noisy step (not per physical batch): recomputed
+    from the iterates the optimizer leaves after each of its own steps."""
+    torch.manual_seed(0)
+
+    class Linear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.layer(x), torch.zeros(len(x))
+
+    model = Linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    iterates = []
+    optimizer.register_step_post_hook(lambda *_: iterates.append(model.layer.weight.detach().clone()))
+    start = model.layer.weight.detach().clone()
+    ledger = privacy.PrivacyLedger(site=0, target_epsilon=8.0, delta=1e-5, noise_multiplier=1.0,
+                                   count_noise_multiplier=60.0, sample_rate=0.25, num_examples=64)
+    with iterate_average(model, optimizer, 0.9):
+        privacy.train_private(model, TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,))), 16, optimizer, 2,
+                              ledger, 1.0, "bookkeeping", privacy.dp_generator(), physical)
+    assert len(iterates) == ledger.steps == 8
+    expected = start
+    for t, iterate in enumerate(iterates):
+        d = min(0.9, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * iterate
+    torch.testing.assert_close(model.layer.weight.detach(), expected)

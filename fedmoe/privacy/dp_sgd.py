@@ -32,7 +32,9 @@ def train_private(
     gradients it sums before one noisy step, so memory does not limit the batch size.
     ``generator`` (``dp_generator``) draws both the sampling masks (Opacus' Poisson loader takes
     the generator of the loader it wraps) and the noise, which is drawn as Opacus' secure mode
-    draws it (a sum of four Gaussians) to blunt floating-point attacks on Gaussian sampling.
+    draws it (a sum of four Gaussians) to blunt floating-point attacks on Gaussian sampling. For a
+    model on an accelerator the noise comes from a generator there, seeded by ``generator``; the
+    dataset may stay on the CPU (batches follow the model: training.train_epochs).
     """
     from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -41,6 +43,12 @@ def train_private(
 
     model.train()
     loader = DataLoader(dataset, batch_size=batch_size, generator=generator)
+    noise_generator = generator
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        # Opacus draws the noise on the parameters' device with the generator it is given, and the
+        # sampling masks on the CPU: a generator for the device, seeded from the secret one
+        noise_generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
     with warnings.catch_warnings():
         # "Secure RNG turned off" speaks of Opacus' own CSPRNG (torchcsprng); our noise comes from
         # the site's secret generator, drawn in secure mode below, and the README says so
@@ -50,7 +58,7 @@ def train_private(
     wrapped = engine.make_private(
         module=model, optimizer=optimizer, criterion=MoELoss(), data_loader=loader,
         noise_multiplier=ledger.noise_multiplier, max_grad_norm=max_grad_norm,
-        grad_sample_mode="ghost" if mode == "bookkeeping" else mode, poisson_sampling=True, noise_generator=generator,
+        grad_sample_mode="ghost" if mode == "bookkeeping" else mode, poisson_sampling=True, noise_generator=noise_generator,
     )
     if mode == "ghost":
         private_model, private_optimizer, criterion, private_loader = wrapped
