@@ -21,7 +21,7 @@ def test_every_run_of_every_preset_is_a_valid_run_config(driver):
             for method in preset.get("methods", module.METHODS):
                 checked_run_config(module.method_config(preset, method))
         if driver == "dp_tuning":
-            for point in module.grid_points(preset["grid"]):
+            for point in module.preset_points(preset):
                 checked_run_config({**preset["config"], **point})
 
 
