@@ -212,7 +212,7 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
     compress = cfg.update_compression != "none"
     received = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()} if compress else {}
     torch.manual_seed(seed)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(server_round))
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(server_round), cfg.adam_bc_floor)
     with iterate_average(model, optimizer, cfg.ema_decay):
         if ledger is None:
             loader = make_loader(inputs, targets, cfg.batch_size, torch.Generator().manual_seed(seed))

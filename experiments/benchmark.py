@@ -227,7 +227,7 @@ def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[st
         for r in range(1, cfg.num_server_rounds + 1):
             seed = round_seed(cfg.seed, 0 if name == "all" else int(name), r)
             torch.manual_seed(seed)
-            optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(r))
+            optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(r), cfg.adam_bc_floor)
             loader = make_loader(inputs, targets, cfg.batch_size, torch.Generator().manual_seed(seed))
             with iterate_average(model, optimizer, cfg.ema_decay):
                 train_epochs(model, loader, optimizer, cfg.local_epochs)

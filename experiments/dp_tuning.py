@@ -125,6 +125,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sites": FULL_ON_FEATURES["sites"], "config": {**FULL_ON_FEATURES["config"], "learning-rate": 0.04},
         "points": [{"batch-size": 512, "local-epochs": 2}, {"batch-size": 1024, "local-epochs": 4}],
     },
+    # full-scattering's winner with Adam's second moment discounting the noise's variance (optimizer=adam-bc,
+    # fedmoe.training.NoiseAwareAdam): at noise multiplier 0.84 and batch 256 the noise's variance per
+    # coordinate (1.1e-5) outweighs most coordinates' squared gradient, so Adam steps as DP-SGD does
+    "full-scattering-adam-bc": {
+        "sites": FULL_ON_FEATURES["sites"], "config": {**FULL_ON_FEATURES["config"], "batch-size": 256,
+                                                        "optimizer": "adam-bc"},
+        "points": [{"adam-bc-floor": 0.3, "learning-rate": 0.04}, {"adam-bc-floor": 0.3, "learning-rate": 0.02},
+                   {"adam-bc-floor": 0.03, "learning-rate": 0.02}, {"adam-bc-floor": 0.03, "learning-rate": 0.005}],
+    },
     # the smoke preset on scattering features (3 sites of 1600 training images, 5 rounds): a batch
     # of 512 leaves a site 15 steps, one of 128 about 60
     "smoke-scattering": {

@@ -150,7 +150,10 @@ class RunConfig:
                                         "(Opacus' BatchMemoryManager; 0: the whole logical batch at once)")
     learning_rate: float = _key(0.04, _positive, "local optimiser step size")
     learning_rate_decay: float = _key(0.85, _fraction, "client step size in round r is learning-rate * decay^(r-1)")
-    optimizer: str = _key("adam", _choice("adam", "sgd"), "local optimiser")
+    optimizer: str = _key("adam", _choice("adam", "adam-bc", "sgd"), "local optimiser (adam-bc: Adam discounting the DP "
+                          "noise's variance in its second moment, fedmoe.training.NoiseAwareAdam; Adam without DP)")
+    adam_bc_floor: float = _key(1.0, _positive, "optimizer=adam-bc: lower bound of the corrected second moment, "
+                                "in units of the noise's variance per coordinate")
     ema_decay: float = _key(0.0, _in_range(0.0, 0.9999), "a site sends the exponential moving average of its local "
                             "iterates with this decay (fedmoe.training.iterate_average; 0: the last iterate)")
     seed: int = _key(0, _at_least(0), "seed for model init, data split and training")

@@ -47,13 +47,65 @@ def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, gen
     return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=True, generator=generator)
 
 
-def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+class NoiseAwareAdam(torch.optim.Optimizer):
+    """Adam whose second moment discounts the variance of the DP noise (DP-AdamBC: Tang, Panchal,
+    Hsu, Lécuyer, AAAI 2024, "DP-AdamBC: Your DP-Adam Is Actually DP-SGD (Unless You Apply Bias
+    Correction)").
+
+    Under DP-SGD every coordinate of the gradient the optimiser sees carries independent Gaussian
+    noise of variance phi = (sigma C / B)^2 (noise multiplier sigma, clipping norm C, expected
+    batch B), so Adam's v estimates E[g^2] + phi; where phi dominates, Adam's step is lr m / sqrt(phi),
+    the same for every coordinate: DP-SGD with momentum. With m, v Adam's moments and m^, v^ their
+    bias-corrected values, the step is
+
+        theta <- theta - lr m^ / (sqrt(max(v^ - phi, floor phi)) + eps)
+
+    phi is the param group's ``noise_variance`` (0, plain Adam, until ``privacy.train_private``
+    sets it from Opacus' optimizer); ``floor`` bounds the step where v^ is mostly noise (1: such a
+    coordinate steps as under Adam; smaller: larger steps there). phi is a function of public
+    quantities only, so the step stays post-processing of the noisy gradients.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, floor: float = 1.0) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "floor": floor, "noise_variance": 0.0})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            phi = group["noise_variance"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["step"] += 1
+                state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = state["m"] / (1 - beta1 ** state["step"])
+                v_hat = state["v"] / (1 - beta2 ** state["step"])
+                if phi > 0:
+                    v_hat = (v_hat - phi).clamp_min_(group["floor"] * phi)
+                p.addcdiv_(m_hat, v_hat.sqrt_().add_(group["eps"]), value=-group["lr"])
+        return loss
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, noise_floor: float = 1.0) -> torch.optim.Optimizer:
+    """adam, sgd (momentum 0.9), or adam-bc (NoiseAwareAdam with ``noise_floor``; Adam without DP)."""
     params = [p for p in params if p.requires_grad]
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
+    if name == "adam-bc":
+        return NoiseAwareAdam(params, lr=lr, floor=noise_floor)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    raise ValueError(f"optimizer must be adam or sgd, got {name!r}")
+    raise ValueError(f"optimizer must be adam, adam-bc or sgd, got {name!r}")
 
 
 @contextmanager

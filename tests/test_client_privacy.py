@@ -14,7 +14,7 @@ from fedmoe import privacy
 from fedmoe.data import tasks
 from fedmoe.federation import wire
 from fedmoe.config import RunConfig
-from fedmoe.models.moe import MoEClassifier
+from fedmoe.models.moe import MoEClassifier, MoEConfig
 from fedmoe.training import freeze_inactive_experts, make_optimizer
 from tests.sites import context, global_model, message, needs_fmnist, run_config, server_identity  # noqa: F401
 
@@ -116,3 +116,15 @@ def test_frozen_experts_unchanged_after_dp_training(mode):
             assert torch.equal(before[key], after[key]), key
     assert not torch.equal(before["moe_layers.0.experts.w_in_2"], after["moe_layers.0.experts.w_in_2"])
     assert ledger.history == [(1.0, 1 / 4, 2 * 4)]  # 64 examples in batches of 16: q = 1/4, 4 steps per epoch
+
+
+def test_dp_training_tells_a_noise_aware_optimizer_the_noise_variance():
+    torch.manual_seed(0)
+    model = MoEClassifier(MoEConfig(d_model=16, expert_hidden=16, num_experts=4))
+    ledger = privacy.PrivacyLedger(site=0, target_epsilon=math.inf, delta=1e-5, noise_multiplier=0.8,
+                                   count_noise_multiplier=20.0, sample_rate=1 / 4)
+    optimizer = make_optimizer("adam-bc", model.parameters(), 1e-2)
+    privacy.train_private(model, TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))), 16, optimizer,
+                          1, ledger, 0.5, "bookkeeping", privacy.dp_generator())
+    # noise of std sigma C on the clipped sum, divided by the expected batch q N = 16
+    assert optimizer.param_groups[0]["noise_variance"] == pytest.approx((0.8 * 0.5 / 16) ** 2)

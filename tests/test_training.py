@@ -10,6 +10,7 @@ from torch.utils.data import TensorDataset
 from fedmoe.models.moe import MoEClassifier, MoEConfig
 from fedmoe import privacy
 from fedmoe.training import (
+    NoiseAwareAdam,
     freeze_inactive_experts,
     iterate_average,
     make_loader,
@@ -26,7 +27,7 @@ def test_frozen_experts_bit_identical_after_local_training():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images, labels = torch.randn(96, 1, 28, 28), torch.randint(0, 10, (96,))
     freeze_inactive_experts(model, [1])
-    for name in ("adam", "sgd"):
+    for name in ("adam", "adam-bc", "sgd"):
         train_epochs(model, make_loader(images, labels, 16, torch.Generator().manual_seed(0)), make_optimizer(name, model.parameters(), 1e-2), 2)
     after = model.state_dict()
     for e in (0, 2, 3):
@@ -37,6 +38,29 @@ def test_frozen_experts_bit_identical_after_local_training():
     assert not torch.equal(before["head.weight"], after["head.weight"])
     sent = trained_state(model)
     assert {k for k in sent if ".experts." in k} == {f"moe_layers.0.experts.{p}_1" for p in ("w_in", "b_in", "w_out", "b_out")}
+
+
+def test_noise_aware_adam_without_noise_is_adam():
+    torch.manual_seed(0)
+    ours, reference = nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(5, 3))
+    reference.data.copy_(ours.data)
+    steps = [NoiseAwareAdam([ours], lr=0.01), torch.optim.Adam([reference], lr=0.01)]
+    for _ in range(20):
+        gradient = torch.randn(5, 3)
+        ours.grad, reference.grad = gradient.clone(), gradient.clone()
+        for optimizer in steps:
+            optimizer.step()
+    torch.testing.assert_close(ours.data, reference.data, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_aware_adam_step_on_a_hand_computed_case():
+    # first step: m^ = g, v^ = g^2; with phi 1 and floor 0.25, v^ - phi = [8, -0.75] -> [8, 0.25]
+    theta = nn.Parameter(torch.tensor([1.0, 1.0]))
+    optimizer = NoiseAwareAdam([theta], lr=0.1, eps=0.0, floor=0.25)
+    optimizer.param_groups[0]["noise_variance"] = 1.0
+    theta.grad = torch.tensor([3.0, 0.5])
+    optimizer.step()
+    torch.testing.assert_close(theta.data, torch.tensor([1.0 - 0.1 * 3.0 / 8**0.5, 1.0 - 0.1 * 0.5 / 0.5]))
 
 
 def test_routing_counts_cover_every_token_slot():

@@ -67,6 +67,10 @@ def train_private(
         criterion = BookKeepingLoss(ghost_criterion)
     else:
         (private_model, private_optimizer, private_loader), criterion = wrapped, MoELoss()
+    for group in optimizer.param_groups:  # what a noise-aware optimiser (training.NoiseAwareAdam) discounts
+        if "noise_variance" in group:
+            group["noise_variance"] = (private_optimizer.noise_multiplier * private_optimizer.max_grad_norm
+                                       / private_optimizer.expected_batch_size) ** 2
     # PrivacyEngine(secure_mode=True) would also need torchcsprng (not installable here); the
     # optimizer's own flag selects only the hardened noise sampling
     private_optimizer.secure_mode = True
