@@ -119,8 +119,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "grid": {"active-top-m": [4, 8]},
     },
     # full-scattering's winner's 19 noisy steps a round from larger batches over more local epochs: each step
-    # averages 2 or 4 times the examples at a noise multiplier of 1.21 or 2.03 instead of 0.84 (epsilon 8),
-    # 28% or 40% less noise on the mean gradient for 2 or 4 times the compute
+    # averages 2 or 4 times the examples at a noise multiplier of 1.20 or 2.00 instead of 0.84 (epsilon 8; the
+    # sites' ledgers), 25% or 37% less noise on the mean gradient for 2 or 4 times the compute
     "full-scattering-fixed-steps": {
         "sites": FULL_ON_FEATURES["sites"], "config": {**FULL_ON_FEATURES["config"], "learning-rate": 0.04},
         "points": [{"batch-size": 512, "local-epochs": 2}, {"batch-size": 1024, "local-epochs": 4}],
