@@ -152,6 +152,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         **SMOKE_ON_FEATURES,  # its config's batch is 64 already
         "grid": {"local-epochs": [2, 3, 4], "learning-rate": [0.005, 0.01, 0.02]},
     },
+    # the smoke preset's DP recipe (batch 256 over eight epochs, Adam 0.01) with the same noisy steps a round from
+    # larger Poisson batches, as full-scattering-fixed-steps did for the full preset
+    "smoke-scattering-fixed-steps": {
+        "sites": SMOKE_ON_FEATURES["sites"], "config": {**SMOKE_ON_FEATURES["config"], "learning-rate": 0.01},
+        "points": [{"batch-size": 256, "local-epochs": 8}, {"batch-size": 512, "local-epochs": 16},
+                   {"batch-size": 512, "local-epochs": 16, "learning-rate": 0.02},
+                   {"batch-size": 1024, "local-epochs": 32}],
+    },
     # a quick grid for trying the driver
     "smoke": {
         "sites": 3, "config": {**PIXELS, "num-server-rounds": 2, "max-examples-per-site": 1000},
