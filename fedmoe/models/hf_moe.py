@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hf_families import FAMILIES, Family, family_of
-from .moe import MoEBlockConfig, RoutingStats, router_losses
+from .moe import MoEBlockConfig, RoutingStats, dispatch_to_experts, router_losses
 
 
 @dataclass
@@ -107,14 +107,14 @@ class SwiGLUExpertBank(nn.Module):
         return gate_up + self.lora_scale * gate_up_b @ gate_up_a, down + self.lora_scale * down_b @ down_a
 
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(x.shape)
-        for e in range(self.num_experts):
-            mask = expert_index == e
+        rows, combine = dispatch_to_experts(x, expert_index, self.num_experts)
+        outputs = []
+        for e, rows_e in enumerate(rows):
             gate_up, down = self.weights(e)
             # an expert without tokens still runs on an empty batch so that its .grad is zeros, not None
-            gate, up = (x[mask] @ gate_up.T).chunk(2, dim=-1)
-            out[mask] = (F.silu(gate) * up) @ down.T
-        return out
+            gate, up = (rows_e @ gate_up.T).chunk(2, dim=-1)
+            outputs.append((F.silu(gate) * up) @ down.T)
+        return combine(outputs)
 
 
 class SparseMoEBlock(nn.Module):

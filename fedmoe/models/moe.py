@@ -69,6 +69,27 @@ class MoEConfig(MoEBlockConfig):
         return self.in_channels * self.patch_size**2
 
 
+def dispatch_to_experts(x: torch.Tensor, expert_index: torch.Tensor, num_experts: int):
+    """x [N, T, d], expert_index [N, T] -> (rows, combine): rows[e] [M_e, d] are the slots routed to
+    expert e in row-major order (as ``x[expert_index == e]`` lists them), and ``combine`` puts the
+    experts' outputs [M_e, d'] back in their slots, [N, T, d'].
+
+    One gather and one scatter for all experts, where a mask per expert would allocate and zero a
+    tensor of every slot for each expert in the forward and again in the backward.
+    """
+    flat_index = expert_index.flatten()
+    order = flat_index.argsort(stable=True)
+    rows = x.flatten(0, 1).index_select(0, order).split(torch.bincount(flat_index, minlength=num_experts).tolist())
+    slot_of_row = torch.empty_like(order)
+    slot_of_row[order] = torch.arange(len(order), device=order.device)
+
+    def combine(outputs: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.cat(outputs).index_select(0, slot_of_row)
+        return out.view(*expert_index.shape, out.shape[-1])
+
+    return rows, combine
+
+
 class ExpertBank(nn.Module):
     """E independent two-layer GELU MLPs, one set of parameters per expert.
 
@@ -104,22 +125,22 @@ class ExpertBank(nn.Module):
         return tuple(getattr(self, f"{name}_{e}") for name in self.PARAM_NAMES)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(x.shape)
         keeper = self.hidden_keeper if torch.is_grad_enabled() else None
         kept = {}
-        for e in range(self.num_experts):
-            mask = expert_index == e
+        rows, combine = dispatch_to_experts(x, expert_index, self.num_experts)
+        outputs = []
+        for e, rows_e in enumerate(rows):
             w_in, b_in, w_out, b_out = self.expert_params(e)
             # An expert without tokens still runs on an empty batch, so its .grad is zeros
             # rather than None (optimisers and Opacus both expect that).
-            pre = x[mask] @ w_in + b_in
+            pre = rows_e @ w_in + b_in
             hidden = F.gelu(pre)
-            out[mask] = hidden @ w_out + b_out
+            outputs.append(hidden @ w_out + b_out)
             if keeper is not None and w_in.requires_grad:
                 kept[e] = keeper.keep(pre, hidden, len(x))
         if keeper is not None:
             keeper.forwards.append(kept)
-        return out
+        return combine(outputs)
 
 
 class PersonalExpert(nn.Module):
