@@ -105,6 +105,18 @@ def test_outer_sum_norm_in_either_form_is_the_frobenius_norm(t, p, q):
     torch.testing.assert_close(samplers.outer_sum_norm(a, g), direct, rtol=1e-10, atol=1e-10)
 
 
+def test_pair_norms_sharing_a_factor_are_each_pairs_frobenius_norm():
+    """A weight and its bias share the output gradient's factor (the bias's other factor is ones,
+    zero on padded slots); sharing its Gram must not mix up the pairs."""
+    torch.manual_seed(4)
+    mask = (torch.rand(5, 9, 1) > 0.3).double()
+    a, g = torch.randn(5, 9, 64, dtype=torch.float64) * mask, torch.randn(5, 9, 128, dtype=torch.float64) * mask
+    weight, bias = torch.nn.Parameter(torch.zeros(128, 64)), torch.nn.Parameter(torch.zeros(128))
+    norms = samplers.pair_norms({weight: (a, g), bias: (mask, g)})
+    torch.testing.assert_close(norms[weight], torch.stack([(a[n].T @ g[n]).norm() for n in range(5)]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(norms[bias], torch.stack([g[n].sum(dim=0).norm() for n in range(5)]), rtol=1e-10, atol=1e-10)
+
+
 def test_planned_noise_matches_opacus_without_count_releases():
     ours = privacy.plan_noise_multiplier(4.0, 1e-5, 0.02, 500)
     theirs = get_noise_multiplier(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.02, steps=500, accountant="rdp")

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..models.hf_moe import SwiGLUExpertBank
 from ..models.moe import ExpertBank
-from .samplers import FactorPairs, expert_bank_factor_pairs, gram_is_cheaper, outer_sum_norm
+from .samplers import FactorPairs, Grams, expert_bank_factor_pairs, gram_is_cheaper, outer_sum_norm
 
 FactorRule = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], FactorPairs]
 
@@ -135,10 +135,11 @@ class BookKeeping:
     def _keeping_factors(self, rule: FactorRule):
         def norm_sampler(layer, activations, backprops):
             norms = {}
+            grams = Grams()
             for p, (a, g) in rule(layer, activations, backprops).items():
-                if gram_is_cheaper(a, g):
+                if gram_is_cheaper(a, g, grams):
                     self.factors.append({p: (a, g)})
-                    norms[p] = outer_sum_norm(a, g)
+                    norms[p] = outer_sum_norm(a, g, grams)
                 else:  # the norm forms the per-sample gradients anyway: keep those, not the factors
                     per_sample = torch.einsum("ntq,ntp->nqp", g, a)
                     self.grad_samples.append({p: per_sample.reshape(len(per_sample), *p.shape)})
@@ -163,8 +164,10 @@ class BookKeeping:
 
         for pairs in self.factors:
             for p, (a, g) in pairs.items():
-                scaled = g * coefficients.to(g.dtype).view(-1, 1, 1)
-                add(p, (scaled.flatten(0, 1).T @ a.flatten(0, 1)).reshape(p.shape).to(p.dtype))
+                # (c g)^T a = g^T (c a): scale the narrower factor (a bias's is its column of ones)
+                c = coefficients.to(g.dtype).view(-1, 1, 1)
+                a, g = (a * c, g) if a.shape[-1] < g.shape[-1] else (a, g * c)
+                add(p, (g.flatten(0, 1).T @ a.flatten(0, 1)).reshape(p.shape).to(p.dtype))
         for grad_samples in self.grad_samples:
             for p, per_sample in grad_samples.items():
                 add(p, torch.einsum("n,n...->...", coefficients.to(per_sample.dtype), per_sample).to(p.dtype))

@@ -100,21 +100,49 @@ def expert_bank_factor_pairs(bank, activations: list[torch.Tensor], backprops: t
     return pairs
 
 
-def gram_is_cheaper(a: torch.Tensor, g: torch.Tensor) -> bool:
-    """For a [N,T,p], g [N,T,q]: whether the Gram form of the per-sample norm, N T^2 (p+q) work,
-    beats forming the per-sample sums [N,p,q], N T p q work."""
+class Grams:
+    """Per-sample Gram matrices x x^T [N,T,T] of the factors [N,T,p] of one layer's pairs, each
+    formed once: a weight and its bias share their output gradient's factor (a bias's other
+    factor is all ones), so the bias's norm costs an element-wise product."""
+
+    def __init__(self) -> None:
+        self._formed: dict[int, torch.Tensor] = {}
+
+    def cost(self, x: torch.Tensor) -> int:
+        """Work (per sample, over T^2) still to do for x's Gram: its width, or 0 once formed."""
+        return 0 if id(x) in self._formed else x.shape[-1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # keyed by identity: the pairs of one call hold every factor, so no id is reused meanwhile
+        if id(x) not in self._formed:
+            self._formed[id(x)] = torch.einsum("ntp,nsp->nts", x, x)
+        return self._formed[id(x)]
+
+
+def gram_is_cheaper(a: torch.Tensor, g: torch.Tensor, grams: Grams | None = None) -> bool:
+    """For a [N,T,p], g [N,T,q]: whether the Gram form of the per-sample norm, N T^2 (p+q) work
+    (less the Grams ``grams`` holds already, plus their product), beats forming the per-sample sums
+    [N,p,q], N T p q work."""
     t, p, q = a.shape[1], a.shape[-1], g.shape[-1]
-    return t * t * (p + q) < t * p * q
+    widths = grams.cost(a) + grams.cost(g) if grams is not None else p + q
+    return t * t * (widths + 1) < t * p * q
 
 
-def outer_sum_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def outer_sum_norm(a: torch.Tensor, g: torch.Tensor, grams: Grams | None = None) -> torch.Tensor:
     """|| sum_t a_t g_t^T ||_F per sample for a [N,T,p], g [N,T,q], without forming [N,p,q] when
     the Gram form sum_{t,s} (a_t.a_s)(g_t.g_s) is cheaper."""
-    if gram_is_cheaper(a, g):
-        sq = (torch.einsum("ntp,nsp->nts", a, a) * torch.einsum("ntq,nsq->nts", g, g)).sum(dim=(1, 2))
+    grams = grams if grams is not None else Grams()
+    if gram_is_cheaper(a, g, grams):
+        sq = (grams(a) * grams(g)).sum(dim=(1, 2))
     else:
         sq = torch.einsum("ntp,ntq->npq", a, g).pow(2).sum(dim=(1, 2))
     return sq.clamp_min(0).sqrt()
+
+
+def pair_norms(pairs: FactorPairs) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """{param: || sum_t a_t g_t^T ||_F per sample [N]} for one layer's factor pairs, sharing Grams."""
+    grams = Grams()
+    return {p: outer_sum_norm(a, g, grams) for p, (a, g) in pairs.items()}
 
 
 @register_grad_sampler([ExpertBank, SwiGLUExpertBank])
@@ -127,7 +155,7 @@ def compute_expert_bank_grad_sample(bank, activations: list[torch.Tensor], backp
 @register_norm_sampler([ExpertBank, SwiGLUExpertBank])
 def compute_expert_bank_norm_sample(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample grad norms (ghost clipping): x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N]}."""
-    return {p: outer_sum_norm(a, g) for p, (a, g) in expert_bank_factor_pairs(bank, activations, backprops).items()}
+    return pair_norms(expert_bank_factor_pairs(bank, activations, backprops))
 
 
 @register_grad_sampler(PositionEmbedding)
