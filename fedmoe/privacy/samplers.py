@@ -119,13 +119,12 @@ class Grams:
         return self._formed[id(x)]
 
 
-def gram_is_cheaper(a: torch.Tensor, g: torch.Tensor, grams: Grams | None = None) -> bool:
+def gram_is_cheaper(a: torch.Tensor, g: torch.Tensor, grams: Grams) -> bool:
     """For a [N,T,p], g [N,T,q]: whether the Gram form of the per-sample norm, N T^2 (p+q) work
     (less the Grams ``grams`` holds already, plus their product), beats forming the per-sample sums
     [N,p,q], N T p q work."""
     t, p, q = a.shape[1], a.shape[-1], g.shape[-1]
-    widths = grams.cost(a) + grams.cost(g) if grams is not None else p + q
-    return t * t * (widths + 1) < t * p * q
+    return t * t * (grams.cost(a) + grams.cost(g) + 1) < t * p * q
 
 
 def outer_sum_norm(a: torch.Tensor, g: torch.Tensor, grams: Grams | None = None) -> torch.Tensor:
