@@ -205,19 +205,16 @@ def test_a_parameter_no_hook_saw_is_an_error_not_a_stale_or_unclipped_gradient()
     book.close()
 
 
-@pytest.mark.parametrize("mean_loss", [True, False], ids=["mean", "sum"])
-def test_the_expert_bank_keeps_its_hidden_layers_and_their_gradient_as_opacus_scales_it(mean_loss):
+def test_the_expert_bank_keeps_its_hidden_layers_and_their_gradient():
     """What the forward keeps for the sampler: each trainable expert's pre-activation and hidden
-    layer on its routed slots, and the pre-activation's gradient of the per-sample loss sum (the
-    batch's loss gradient times the batch size under a mean loss, as Opacus scales backprops)."""
+    layer on its routed slots, and the pre-activation's gradient of the per-sample losses' sum."""
     torch.manual_seed(5)
     bank = ExpertBank(num_experts=4, d_model=6, hidden=8)
     for p in bank.expert_params(3):
         p.requires_grad_(False)
-    bank.hidden_keeper = keeper = HiddenKeeper(mean_loss=mean_loss)
+    bank.hidden_keeper = keeper = HiddenKeeper()
     x, index = torch.randn(5, 3, 6, requires_grad=True), torch.tensor([[0, 1, 3]] * 3 + [[1, 1, 0], [2, 3, 3]])
-    per_sample_loss = bank(x, index).pow(2).sum(dim=(1, 2))
-    (per_sample_loss.mean() if mean_loss else per_sample_loss.sum()).backward()
+    bank(x, index).pow(2).sum().backward()
     kept = keeper.pop()
     assert set(kept) == {0, 1, 2} and keeper.pop() == {}  # one forward, trainable experts only
     for e, (pre, hidden, g_pre) in kept.items():
@@ -225,7 +222,7 @@ def test_the_expert_bank_keeps_its_hidden_layers_and_their_gradient_as_opacus_sc
         rows = x.detach()[index == e]
         expected_pre = (rows @ w_in + b_in).requires_grad_()
         out = torch.nn.functional.gelu(expected_pre) @ w_out + b_out
-        out.pow(2).sum().backward()  # the per-sample losses' sum, whatever the reduction
+        out.pow(2).sum().backward()
         torch.testing.assert_close(pre, expected_pre.detach())
         torch.testing.assert_close(hidden, torch.nn.functional.gelu(expected_pre.detach()))
         torch.testing.assert_close(g_pre, expected_pre.grad)
@@ -236,7 +233,7 @@ def test_the_sampler_takes_the_kept_hidden_layers_instead_of_recomputing_them():
     slower): doctored kept values show up in the factor pairs."""
     torch.manual_seed(6)
     bank = ExpertBank(num_experts=2, d_model=4, hidden=5)
-    bank.hidden_keeper = keeper = HiddenKeeper(mean_loss=True)
+    bank.hidden_keeper = keeper = HiddenKeeper()
     x, index = torch.randn(3, 2, 4, requires_grad=True), torch.tensor([[0, 1], [1, 1], [0, 0]])
     bank(x, index).sum().backward()
     for entry in keeper.forwards[-1].values():

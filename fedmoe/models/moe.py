@@ -137,7 +137,7 @@ class ExpertBank(nn.Module):
             hidden = F.gelu(pre)
             outputs.append(hidden @ w_out + b_out)
             if keeper is not None and w_in.requires_grad:
-                kept[e] = keeper.keep(pre, hidden, len(x))
+                kept[e] = keeper.keep(pre, hidden)
         if keeper is not None:
             keeper.forwards.append(kept)
         return combine(outputs)

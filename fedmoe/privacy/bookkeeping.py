@@ -63,18 +63,16 @@ class HiddenKeeper:
     """What a GELU expert bank's forwards keep for its clipped gradient (``ExpertBank.hidden_keeper``):
     per forward, {expert: [pre-activation, hidden, gradient of the pre-activation]} of its trainable
     experts. The gradient arrives during backward (a hook on the pre-activation, which autograd
-    computes anyway for the bank's input gradient), scaled as Opacus scales the output gradients
-    it hands the samplers: by the batch size under a mean loss."""
+    computes anyway for the bank's input gradient); the single pass differentiates the per-sample
+    losses' sum, so it is already on the scale of the output gradients the samplers get."""
 
-    def __init__(self, mean_loss: bool) -> None:
-        self.mean_loss = mean_loss
+    def __init__(self) -> None:
         self.forwards: list[dict[int, list]] = []
 
-    def keep(self, pre: torch.Tensor, hidden: torch.Tensor, batch_size: int) -> list:
+    def keep(self, pre: torch.Tensor, hidden: torch.Tensor) -> list:
         entry = [pre.detach(), hidden.detach(), None]
         if pre.requires_grad:
-            scale = batch_size if self.mean_loss else 1
-            pre.register_hook(lambda grad: entry.__setitem__(2, grad * scale))
+            pre.register_hook(lambda grad: entry.__setitem__(2, grad))
         return entry
 
     def pop(self) -> dict[int, list]:
@@ -99,6 +97,12 @@ class BookKeeping:
         norm_samplers, grad_samplers = {}, dict(module.GRAD_SAMPLERS)
         self._handles = []
         self._banks: list[ExpertBank] = []
+        if module.loss_reduction != "sum":
+            # under a mean loss Opacus' hooks multiply every layer's output gradient by the batch
+            # size to undo the mean; the single pass differentiates the per-sample losses' sum,
+            # whose output gradients need no such full-size product
+            module.remove_hooks()
+            module.add_hooks(loss_reduction="sum", batch_first=module.batch_first, force_functorch=module.force_functorch)
         for _, layer in trainable_modules(module._module):
             kind = type(layer)
             if kind in FACTOR_RULES:
@@ -107,7 +111,7 @@ class BookKeeping:
                 grad_samplers[kind] = self._keeping_grad_samples(module.GRAD_SAMPLERS.get(kind, ft_compute_per_sample_gradient))
             self._handles.append(layer.register_forward_pre_hook(self._note_entry, with_kwargs=True))
             if isinstance(layer, ExpertBank):
-                layer.hidden_keeper = HiddenKeeper(mean_loss=module.loss_reduction == "mean")
+                layer.hidden_keeper = HiddenKeeper()
                 self._banks.append(layer)
         module.NORM_SAMPLERS = norm_samplers
         module.GRAD_SAMPLERS = grad_samplers
@@ -120,9 +124,10 @@ class BookKeeping:
             self.entry_parameters.update((p, None) for p in layer.parameters(recurse=False) if p.requires_grad)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """One backward pass that computes every layer's output gradient (so every hook fires)
-        but no parameter gradient beyond the entry layers': autograd skips the weight gradients
-        nothing asks for, and the clipped sums replace them anyway."""
+        """One backward pass of ``loss``, the sum of the batch's per-sample losses, that computes
+        every layer's output gradient (so every hook fires) but no parameter gradient beyond the
+        entry layers': autograd skips the weight gradients nothing asks for, and the clipped sums
+        replace them anyway."""
         entry, self.entry_parameters = list(self.entry_parameters), {}
         loss.backward(inputs=entry or None)
 
@@ -205,6 +210,5 @@ class BookKeepingTensor(DPTensorFastGradientClipping):
         self.book = book
 
     def backward(self) -> None:
-        reduced = self.loss_per_sample.mean() if self.loss_reduction == "mean" else self.loss_per_sample.sum()
-        self.book.backward(reduced)
+        self.book.backward(self.loss_per_sample.sum())
         self.book.write_clipped_sums(self.module.get_clipping_coef())
