@@ -42,9 +42,25 @@ def round_seed(seed: int, site: int, server_round: int) -> int:
     return seed * 1_000_003 + site * 10_007 + server_round
 
 
+class TensorRows(TensorDataset):
+    """A TensorDataset that a DataLoader reads a batch at a time: ``__getitems__`` indexes each
+    tensor once with the batch's indices, where the default fetches the examples one by one and
+    stacks them (a sixth of an image-model epoch's time). Its loaders take ``collate_fn=as_fetched``."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[index] for t in self.tensors)
+
+
+def as_fetched(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The collate function of TensorRows loaders: the batch is already stacked."""
+    return batch
+
+
 def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator) -> DataLoader:
     """Shuffled mini-batches for training without DP (DP-SGD samples its own: privacy.train_private)."""
-    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=True, generator=generator)
+    return DataLoader(TensorRows(images, labels), batch_size=batch_size, shuffle=True, generator=generator,
+                      collate_fn=as_fetched)
 
 
 class NoiseAwareAdam(torch.optim.Optimizer):

@@ -7,7 +7,7 @@ import math
 import warnings
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from .accounting import PrivacyLedger
 from .bookkeeping import BookKeepingLoss
@@ -19,7 +19,7 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def train_private(
-    model: torch.nn.Module, dataset: Dataset, batch_size: int, optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module, dataset: TensorDataset, batch_size: int, optimizer: torch.optim.Optimizer,
     epochs: int, ledger: PrivacyLedger, max_grad_norm: float, mode: str, generator: torch.Generator,
     max_physical_batch_size: int = 0,
 ) -> float:
@@ -39,10 +39,11 @@ def train_private(
     from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    from ..training import MoELoss, train_epochs
+    from ..training import MoELoss, TensorRows, as_fetched, train_epochs
 
     model.train()
-    loader = DataLoader(dataset, batch_size=batch_size, generator=generator)
+    # Opacus' Poisson loader keeps this loader's dataset and collate function: batches are fetched whole
+    loader = DataLoader(TensorRows(*dataset.tensors), batch_size=batch_size, generator=generator, collate_fn=as_fetched)
     noise_generator = generator
     device = next(model.parameters()).device
     if device.type != "cpu":
