@@ -11,6 +11,7 @@ from fedmoe.models.moe import MoEClassifier, MoEConfig
 from fedmoe import privacy
 from fedmoe.training import (
     NoiseAwareAdam,
+    TensorRows,
     freeze_inactive_experts,
     iterate_average,
     make_loader,
@@ -152,3 +153,19 @@ def test_iterate_average_counts_noisy_steps_under_dp(physical):
         d = min(0.9, (1 + t) / (10 + t))
         expected = d * expected + (1 - d) * iterate
     torch.testing.assert_close(model.layer.weight.detach(), expected)
+
+
+def test_loaders_fetch_whole_batches_that_match_the_example_by_example_fetch():
+    """make_loader's batches (one index per tensor) are the ones a TensorDataset loader stacks
+    example by example under the same generator; an empty index list is an empty batch."""
+    from torch.utils.data import DataLoader
+
+    images, labels = torch.randn(23, 1, 4, 4), torch.arange(23)
+    ours = list(make_loader(images, labels, 5, torch.Generator().manual_seed(3)))
+    reference = list(DataLoader(TensorDataset(images, labels), batch_size=5, shuffle=True,
+                                generator=torch.Generator().manual_seed(3)))
+    assert len(ours) == len(reference) == 5
+    for (x, y), (x_ref, y_ref) in zip(ours, reference, strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    empty_x, empty_y = TensorRows(images, labels).__getitems__([])
+    assert empty_x.shape == (0, 1, 4, 4) and empty_y.shape == (0,) and empty_y.dtype == labels.dtype

@@ -10,8 +10,10 @@ product of factors the first pass already had:
 
     sum_n c_n grad_n = (c * g)^T a        over all (n, t), with g scaled per sample.
 
-So the first pass keeps those factor pairs (FACTOR_RULES) where the Gram form of the norm is the
-cheaper one (few positions T against the layer's widths), and otherwise the per-sample gradients
+So the first pass keeps those factors (FACTOR_RULES) where the Gram form of the norm is the
+cheaper one (few positions T against the layer's widths), as rows with the sample each row
+belongs to (an expert's rows are only the slots routed to it: the per-sample layout the norms
+need pads every sample to the most any sample routed, about twice the rows), and otherwise the per-sample gradients
 [N, q, p] it formed for the norm (summing those is T times cheaper than the factor product); for
 the small layers without a rule (norms, embeddings, ...) it keeps the per-sample gradients
 Opacus' grad samplers compute for their norms anyway; after it, ``BookKeeping.write_clipped_sums`` puts sum_n c_n grad_n into every
@@ -36,26 +38,38 @@ from torch import nn
 
 from ..models.hf_moe import SwiGLUExpertBank
 from ..models.moe import ExpertBank
-from .samplers import FactorPairs, Grams, expert_bank_factor_pairs, gram_is_cheaper, outer_sum_norm
+from .samplers import FactorPairs, Grams, expert_bank_factor_rows, gram_is_cheaper, lay_out_per_sample, outer_sum_norm
 
-FactorRule = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], FactorPairs]
+FactorGroup = tuple[FactorPairs, FactorPairs, torch.Tensor]
+"""Factor pairs of some of a layer's tensors laid out per sample {param: (a [N,T,p], g [N,T,q])} (for
+the norms), the same factors as rows {param: (a [M,p], g [M,q])} (for the clipped sum, without the
+per-sample layout's padding) and sample [M], the sample each row belongs to."""
+FactorRule = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], list[FactorGroup]]
 
 
-def linear_factor_pairs(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor) -> FactorPairs:
-    """x [N,...,in], backprops [N,...,out] -> {weight: (x [N,T,in], g [N,T,out]), bias: (1 [N,T,1], g)}."""
+def linear_factor_groups(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor) -> list[FactorGroup]:
+    """x [N,...,in], backprops [N,...,out] -> one group: {weight: (x [N,T,in], g [N,T,out]), bias: (1 [N,T,1], g)},
+    their rows over all N T positions."""
     a, g = (t.unsqueeze(1) if t.dim() == 2 else t.flatten(1, -2) for t in (activations[0].to(backprops.dtype), backprops))
     pairs = {}
     if layer.weight.requires_grad:
         pairs[layer.weight] = (a, g)
     if layer.bias is not None and layer.bias.requires_grad:
         pairs[layer.bias] = (a.new_ones(*a.shape[:2], 1), g)
-    return pairs
+    rows = {p: (a.flatten(0, 1), g.flatten(0, 1)) for p, (a, g) in pairs.items()}
+    return [(pairs, rows, torch.arange(len(a), device=a.device).repeat_interleave(a.shape[1]))]
+
+
+def expert_bank_factor_groups(bank: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> list[FactorGroup]:
+    """x [N,T,d], index [N,T], backprops [N,T,d] -> one group per expert with a trainable tensor."""
+    return [(lay_out_per_sample(routed, rows), rows, routed.nonzero(as_tuple=True)[0])
+            for routed, rows in expert_bank_factor_rows(bank, activations, backprops)]
 
 
 FACTOR_RULES: dict[type, FactorRule] = {
-    nn.Linear: linear_factor_pairs,
-    ExpertBank: expert_bank_factor_pairs,
-    SwiGLUExpertBank: expert_bank_factor_pairs,
+    nn.Linear: linear_factor_groups,
+    ExpertBank: expert_bank_factor_groups,
+    SwiGLUExpertBank: expert_bank_factor_groups,
 }
 
 
@@ -91,7 +105,7 @@ class BookKeeping:
 
     def __init__(self, module: GradSampleModuleFastGradientClipping) -> None:
         self.module = module
-        self.factors: list[FactorPairs] = []
+        self.factors: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, a, g, sample)
         self.grad_samples: list[dict[nn.Parameter, torch.Tensor]] = []
         self.entry_parameters: dict[nn.Parameter, None] = {}
         norm_samplers, grad_samplers = {}, dict(module.GRAD_SAMPLERS)
@@ -141,14 +155,15 @@ class BookKeeping:
         def norm_sampler(layer, activations, backprops):
             norms = {}
             grams = Grams()
-            for p, (a, g) in rule(layer, activations, backprops).items():
-                if gram_is_cheaper(a, g, grams):
-                    self.factors.append({p: (a, g)})
-                    norms[p] = outer_sum_norm(a, g, grams)
-                else:  # the norm forms the per-sample gradients anyway: keep those, not the factors
-                    per_sample = torch.einsum("ntq,ntp->nqp", g, a)
-                    self.grad_samples.append({p: per_sample.reshape(len(per_sample), *p.shape)})
-                    norms[p] = per_sample.flatten(1).norm(dim=1)
+            for pairs, rows, sample in rule(layer, activations, backprops):
+                for p, (a, g) in pairs.items():
+                    if gram_is_cheaper(a, g, grams):
+                        self.factors.append((p, *rows[p], sample))
+                        norms[p] = outer_sum_norm(a, g, grams)
+                    else:  # the norm forms the per-sample gradients anyway: keep those, not the factors
+                        per_sample = torch.einsum("ntq,ntp->nqp", g, a)
+                        self.grad_samples.append({p: per_sample.reshape(len(per_sample), *p.shape)})
+                        norms[p] = per_sample.flatten(1).norm(dim=1)
             return norms
         return norm_sampler
 
@@ -167,12 +182,12 @@ class BookKeeping:
         def add(p: nn.Parameter, value: torch.Tensor) -> None:
             sums[p] = sums[p] + value if p in sums else value
 
-        for pairs in self.factors:
-            for p, (a, g) in pairs.items():
-                # (c g)^T a = g^T (c a): scale the narrower factor (a bias's is its column of ones)
-                c = coefficients.to(g.dtype).view(-1, 1, 1)
-                a, g = (a * c, g) if a.shape[-1] < g.shape[-1] else (a, g * c)
-                add(p, (g.flatten(0, 1).T @ a.flatten(0, 1)).reshape(p.shape).to(p.dtype))
+        for p, a, g, sample in self.factors:
+            # (c g)^T a = g^T (c a), each row scaled by its sample's coefficient: scale the narrower
+            # factor (a bias's is its column of ones)
+            c = coefficients.to(g.dtype)[sample].unsqueeze(1)
+            a, g = (a * c, g) if a.shape[-1] < g.shape[-1] else (a, g * c)
+            add(p, (g.T @ a).reshape(p.shape).to(p.dtype))
         for grad_samples in self.grad_samples:
             for p, per_sample in grad_samples.items():
                 add(p, torch.einsum("n,n...->...", coefficients.to(per_sample.dtype), per_sample).to(p.dtype))

@@ -19,7 +19,7 @@ FactorPairs = dict[torch.nn.Parameter, tuple[torch.Tensor, torch.Tensor]]
 # (a [M,p], g [M,q]) over the M routed slots per tensor of ``expert_params(e)``; the pairs are laid
 # out per sample as [N, W, *] (W: the most slots any sample routed to the expert, padding zero).
 # The grad sampler forms the sums, the norm sampler (ghost clipping) only their norms, and
-# book-keeping clipping (bookkeeping.py) their clipped sum over the batch.
+# book-keeping clipping (bookkeeping.py) their clipped sum over the batch, from the unpadded rows.
 
 def _gelu_expert_factors(bank: ExpertBank, x: torch.Tensor, g_out: torch.Tensor, e: int, kept=None):
     """(a, g) rows for w_in [d,h], b_in [h], w_out [h,d], b_out [d] of expert e, from its routed
@@ -59,44 +59,49 @@ def _swiglu_expert_factors(bank: SwiGLUExpertBank, x: torch.Tensor, g_out: torch
 EXPERT_FACTORS = {ExpertBank: _gelu_expert_factors, SwiGLUExpertBank: _swiglu_expert_factors}
 
 
-def _per_sample_layout(routed: torch.Tensor):
-    """For a mask [N,T] of the slots routed to one expert: a function laying rows [M,*] (the routed
-    slots in row-major order, as x[routed] gives them) out as [N, W, *], W = max routed per sample."""
+def expert_bank_factor_rows(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> list[tuple[torch.Tensor, FactorPairs]]:
+    """x [N,T,d], index [N,T], backprops [N,T,d] -> [(routed [N,T], {param: (a [M,p], g [M,q])})], one
+    entry per expert with a trainable tensor: the factor rows of each of its trainable tensors over
+    the M slots routed to it, in row-major order (as x[routed] lists them)."""
+    x, index = activations[0].to(backprops.dtype), activations[1]
+    factors = EXPERT_FACTORS[type(bank)]
+    # the forward's hidden layers, where it kept them (book-keeping clipping on a GELU bank)
+    keeper = getattr(bank, "hidden_keeper", None)
+    kept = keeper.pop() if keeper is not None else {}
+    experts = []
+    for e in range(bank.num_experts):
+        params = bank.expert_params(e)
+        if any(p.requires_grad for p in params):
+            routed = index == e
+            rows = factors(bank, x[routed], backprops[routed], e, kept.get(e))
+            experts.append((routed, {p: pair for p, pair in zip(params, rows, strict=True) if p.requires_grad}))
+    return experts
+
+
+def lay_out_per_sample(routed: torch.Tensor, rows: FactorPairs) -> FactorPairs:
+    """Factor rows [M,*] over the slots ``routed`` [N,T] marks (row-major) laid out per sample as
+    [N, W, *], W = the most slots any sample routed, padding zero; a factor that several tensors
+    share is laid out once."""
     n = len(routed)
     width = int(routed.sum(dim=1).max()) if routed.numel() else 0
     sample, slot = routed.nonzero(as_tuple=True)
     position = (routed.cumsum(dim=1) - 1)[sample, slot]
-
-    def lay_out(rows: torch.Tensor) -> torch.Tensor:
-        out = rows.new_zeros(n, width, rows.shape[-1])
-        out[sample, position] = rows
-        return out
-
-    return lay_out
+    laid: dict[int, torch.Tensor] = {}
+    for a, g in rows.values():
+        for t in (a, g):
+            if id(t) not in laid:
+                laid[id(t)] = t.new_zeros(n, width, t.shape[-1])
+                laid[id(t)][sample, position] = t
+    return {p: (laid[id(a)], laid[id(g)]) for p, (a, g) in rows.items()}
 
 
 def expert_bank_factor_pairs(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> FactorPairs:
     """x [N,T,d], index [N,T], backprops [N,T,d] -> {param: (a [N,W,p], g [N,W,q])} for every
     trainable tensor of the bank's experts: its per-sample gradient is sum_w g_w^T a_w ([q, p],
     reshaped to the parameter's shape)."""
-    x, index = activations[0].to(backprops.dtype), activations[1]
-    factors = EXPERT_FACTORS[type(bank)]
-    # the forward's hidden layers, where it kept them (book-keeping clipping on a GELU bank)
-    keeper = getattr(bank, "hidden_keeper", None)
-    kept = keeper.pop() if keeper is not None else {}
     pairs = {}
-    for e in range(bank.num_experts):
-        params = bank.expert_params(e)
-        if any(p.requires_grad for p in params):
-            routed = index == e
-            lay_out = _per_sample_layout(routed)
-            laid: dict[int, torch.Tensor] = {}  # a factor several tensors share is laid out once
-            for p, rows in zip(params, factors(bank, x[routed], backprops[routed], e, kept.get(e)), strict=True):
-                if p.requires_grad:
-                    for t in rows:
-                        if id(t) not in laid:
-                            laid[id(t)] = lay_out(t)
-                    pairs[p] = (laid[id(rows[0])], laid[id(rows[1])])
+    for routed, rows in expert_bank_factor_rows(bank, activations, backprops):
+        pairs.update(lay_out_per_sample(routed, rows))
     return pairs
 
 
