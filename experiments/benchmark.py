@@ -30,7 +30,8 @@ rate and epochs per round, on the same partitions.
 
 With --seeds the benchmark runs once per seed (DIR/seed-N/, each as below) and DIR/seeds.md and
 DIR/seeds.json give each method's mean and standard deviation over the seeds. A method already in
-a results.json of the same config is not run again: an interrupted benchmark continues.
+a results.json of the same config is not run again: an interrupted benchmark continues, and a run
+with other --methods into the same DIR adds its methods to those already there.
 
 Writes DIR/results.json (per method: final_accuracy on the global test set, per_site_accuracy on each
 site's own test split, uplink/downlink bytes, rounds, wall_seconds, epsilon where DP ran, per-round
@@ -278,7 +279,8 @@ def run_benchmark(preset: dict[str, Any], out: Path, target: Target = Target(),
     }
     earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
     if earlier and (earlier["config"], earlier["sites"], earlier.get("dp-config")) == (config, sites, preset.get("dp-config")):
-        report["methods"] = {m: r for m, r in earlier["methods"].items() if m in methods}  # an interrupted benchmark
+        # an interrupted benchmark continues; methods run earlier with other --methods stay in the report
+        report["methods"] = dict(earlier["methods"])
     report["dp-config"] = preset.get("dp-config")
     for method in methods:  # a method whose run config is bad fails now, not after the others ran
         checked_run_config(method_config(preset, method))

@@ -105,13 +105,20 @@ def test_an_interrupted_benchmark_runs_only_the_methods_it_lacks(tmp_path, monke
 
     monkeypatch.setattr(benchmark, "run_app", fake_run_app)
     preset = {"sites": 2, "config": {"seed": 0}, "dp-config": {"batch-size": 8}}
-    finished = {"final_accuracy": 0.5, "per_site_accuracy": {"0": 0.5}, "epsilon": None}
+    finished = {"final_accuracy": 0.5, "per_site_accuracy": {"0": 0.5}, "epsilon": None, "uplink_bytes_total": 10,
+                "downlink_bytes_total": 10, "rounds": 1, "wall_seconds": 1.0}
     (tmp_path / "results.json").write_text(json.dumps(
         {"config": {"seed": 0}, "sites": 2, "dp-config": {"batch-size": 8}, "methods": {"expert_matched": finished}}))
     methods = ("expert_matched", "expert_matched_dp")
     with pytest.raises(RuntimeError, match="stop here"):
         benchmark.run_benchmark(preset, tmp_path, methods=methods)
     assert ran == ["expert_matched_dp"]
+    ran.clear()  # other methods into the same folder: the earlier method stays in results.json
+    monkeypatch.setattr(benchmark, "train_in_process", lambda method, config, sites: finished)
+    for plot in ("plot_curves", "plot_site_utilisation"):
+        monkeypatch.setattr(benchmark, plot, lambda *a, **k: None)
+    benchmark.run_benchmark(preset, tmp_path, methods=("local_only",))
+    assert set(json.loads((tmp_path / "results.json").read_text())["methods"]) == {"expert_matched", "local_only"}
     ran.clear()  # the same folder, another config: nothing is reused
     with pytest.raises(RuntimeError, match="stop here"):
         benchmark.run_benchmark({**preset, "dp-config": {"batch-size": 16}}, tmp_path, methods=methods)
