@@ -96,25 +96,53 @@ def test_expert_bank_norm_sampler_equals_the_norms_of_its_grad_sampler(d, h, tok
         torch.testing.assert_close(norms[p], g.flatten(1).norm(dim=1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("t, p, q", [(16, 64, 128), (16, 128, 64), (32, 4, 4), (8, 3, 200)])
-def test_outer_sum_norm_in_either_form_is_the_frobenius_norm(t, p, q):
-    """|| sum_t a_t g_t^T ||_F per sample, whichever of its two forms the shapes pick."""
+def runs_of(counts: list[int]) -> samplers.RowRuns:
+    """Runs of the given lengths, one per sample (zero: a sample without rows)."""
+    sample = torch.tensor([n for n, c in enumerate(counts) for _ in range(c)], dtype=torch.long)
+    return samplers.RowRuns(sample, len(counts), max(counts))
+
+
+def brute_force_norms(counts: list[int], a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """|| sum over the sample's rows of g_t^T a_t ||_F, one sample at a time."""
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    return torch.stack([(g[end - c:end].T @ a[end - c:end]).norm() for c, end in zip(counts, ends)])
+
+
+@pytest.mark.parametrize("counts, p, q, grams", [
+    ([3, 0, 5, 1, 5, 2, 4, 4, 0], 64, 128, True),  # uneven runs, some across block boundaries, empty ones
+    ([1, 7, 7, 2, 0, 6, 3], 3, 4, False),  # narrow factors: the per-sample gradients are cheaper
+    ([4, 4, 4, 4, 4], 64, 128, True),  # every run full: the blocks are the runs
+    ([4, 4, 4, 4, 4], 2, 200, False),
+    ([0, 0, 0], 8, 8, True),  # nothing routed
+])
+def test_row_run_norms_in_either_form_are_the_frobenius_norm(counts, p, q, grams):
+    """|| sum_t g_t^T a_t ||_F per sample over its run of rows, whichever form the shapes pick."""
     torch.manual_seed(3)
-    a, g = torch.randn(6, t, p, dtype=torch.float64), torch.randn(6, t, q, dtype=torch.float64)
-    direct = torch.stack([(a[n].T @ g[n]).norm() for n in range(6)])
-    torch.testing.assert_close(samplers.outer_sum_norm(a, g), direct, rtol=1e-10, atol=1e-10)
+    runs = runs_of(counts)
+    a, g = torch.randn(sum(counts), p, dtype=torch.float64), torch.randn(sum(counts), q, dtype=torch.float64)
+    assert runs.grams_are_cheaper(a, g) == grams
+    expected = brute_force_norms(counts, a, g) if sum(counts) else torch.zeros(len(counts), dtype=torch.float64)
+    torch.testing.assert_close(runs.norms(a, g), expected, rtol=1e-10, atol=1e-10)
 
 
-def test_pair_norms_sharing_a_factor_are_each_pairs_frobenius_norm():
-    """A weight and its bias share the output gradient's factor (the bias's other factor is ones,
-    zero on padded slots); sharing its Gram must not mix up the pairs."""
+def test_row_runs_lay_out_each_sample_from_its_first_slot():
+    counts = [2, 0, 3, 1]
+    rows = torch.arange(1.0, 7.0).unsqueeze(1)
+    expected = torch.tensor([[1, 2, 0], [0, 0, 0], [3, 4, 5], [6, 0, 0]], dtype=torch.float).unsqueeze(2)
+    torch.testing.assert_close(runs_of(counts).lay_out(rows), expected)
+
+
+def test_norms_sharing_a_factor_are_each_pairs_frobenius_norm():
+    """A weight and its bias share the output gradient's factor (the bias's other factor is ones);
+    sharing its block Grams must not mix up the pairs."""
     torch.manual_seed(4)
-    mask = (torch.rand(5, 9, 1) > 0.3).double()
-    a, g = torch.randn(5, 9, 64, dtype=torch.float64) * mask, torch.randn(5, 9, 128, dtype=torch.float64) * mask
-    weight, bias = torch.nn.Parameter(torch.zeros(128, 64)), torch.nn.Parameter(torch.zeros(128))
-    norms = samplers.pair_norms({weight: (a, g), bias: (mask, g)})
-    torch.testing.assert_close(norms[weight], torch.stack([(a[n].T @ g[n]).norm() for n in range(5)]), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(norms[bias], torch.stack([g[n].sum(dim=0).norm() for n in range(5)]), rtol=1e-10, atol=1e-10)
+    counts = [2, 5, 0, 3, 4, 1]
+    runs = runs_of(counts)
+    a, g = torch.randn(15, 64, dtype=torch.float64), torch.randn(15, 128, dtype=torch.float64)
+    ones = torch.ones(15, 1, dtype=torch.float64)
+    weight_norms, bias_norms = runs.norms(a, g), runs.norms(ones, g)
+    torch.testing.assert_close(weight_norms, brute_force_norms(counts, a, g), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(bias_norms, brute_force_norms(counts, ones, g), rtol=1e-10, atol=1e-10)
 
 
 def test_planned_noise_matches_opacus_without_count_releases():

@@ -11,11 +11,12 @@ product of factors the first pass already had:
     sum_n c_n grad_n = (c * g)^T a        over all (n, t), with g scaled per sample.
 
 So the first pass keeps those factors (FACTOR_RULES) where the Gram form of the norm is the
-cheaper one (few positions T against the layer's widths), as rows with the sample each row
-belongs to (an expert's rows are only the slots routed to it: the per-sample layout the norms
-need pads every sample to the most any sample routed, about twice the rows), and otherwise the per-sample gradients
-[N, q, p] it formed for the norm (summing those is T times cheaper than the factor product); for
-the small layers without a rule (norms, embeddings, ...) it keeps the per-sample gradients
+cheaper one (few positions T against the layer's widths), as rows in runs by sample (samplers.
+RowRuns: an expert's rows are only the slots routed to it, and its norms come from those rows
+without a per-sample layout, which pads every sample to the most any sample routed), and
+otherwise the per-sample gradients [N, q, p] it formed for the norm (summing those is T times
+cheaper than the factor product); for the small layers without a rule (norms, embeddings, ...)
+it keeps the per-sample gradients
 Opacus' grad samplers compute for their norms anyway; after it, ``BookKeeping.write_clipped_sums`` puts sum_n c_n grad_n into every
 trainable parameter's ``.grad`` — what Opacus' second pass would have left there — and
 DPOptimizerFastGradientClipping adds the noise exactly as under ghost clipping. The pass asks
@@ -38,32 +39,31 @@ from torch import nn
 
 from ..models.hf_moe import SwiGLUExpertBank
 from ..models.moe import ExpertBank
-from .samplers import FactorPairs, Grams, expert_bank_factor_rows, gram_is_cheaper, lay_out_per_sample, outer_sum_norm
+from .samplers import FactorPairs, RowRuns, expert_bank_factor_rows
 
-FactorGroup = tuple[FactorPairs, FactorPairs, torch.Tensor]
-"""Factor pairs of some of a layer's tensors laid out per sample {param: (a [N,T,p], g [N,T,q])} (for
-the norms), the same factors as rows {param: (a [M,p], g [M,q])} (for the clipped sum, without the
-per-sample layout's padding) and sample [M], the sample each row belongs to."""
+FactorGroup = tuple[FactorPairs, RowRuns]
+"""Factor rows of some of a layer's tensors {param: (a [M,p], g [M,q])} and the runs, one per
+sample, they come in."""
 FactorRule = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], list[FactorGroup]]
 
 
 def linear_factor_groups(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor) -> list[FactorGroup]:
-    """x [N,...,in], backprops [N,...,out] -> one group: {weight: (x [N,T,in], g [N,T,out]), bias: (1 [N,T,1], g)},
-    their rows over all N T positions."""
+    """x [N,...,in], backprops [N,...,out] -> one group: {weight: (x [N T,in], g [N T,out]), bias: (1 [N T,1], g)}
+    over all N T positions, T per sample."""
     a, g = (t.unsqueeze(1) if t.dim() == 2 else t.flatten(1, -2) for t in (activations[0].to(backprops.dtype), backprops))
-    pairs = {}
+    runs = RowRuns.full(len(a), a.shape[1], a.device)
+    a, g = a.flatten(0, 1), g.flatten(0, 1)
+    rows = {}
     if layer.weight.requires_grad:
-        pairs[layer.weight] = (a, g)
+        rows[layer.weight] = (a, g)
     if layer.bias is not None and layer.bias.requires_grad:
-        pairs[layer.bias] = (a.new_ones(*a.shape[:2], 1), g)
-    rows = {p: (a.flatten(0, 1), g.flatten(0, 1)) for p, (a, g) in pairs.items()}
-    return [(pairs, rows, torch.arange(len(a), device=a.device).repeat_interleave(a.shape[1]))]
+        rows[layer.bias] = (a.new_ones(len(a), 1), g)
+    return [(rows, runs)]
 
 
 def expert_bank_factor_groups(bank: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> list[FactorGroup]:
     """x [N,T,d], index [N,T], backprops [N,T,d] -> one group per expert with a trainable tensor."""
-    return [(lay_out_per_sample(routed, rows), rows, routed.nonzero(as_tuple=True)[0])
-            for routed, rows in expert_bank_factor_rows(bank, activations, backprops)]
+    return [(rows, runs) for runs, rows in expert_bank_factor_rows(bank, activations, backprops)]
 
 
 FACTOR_RULES: dict[type, FactorRule] = {
@@ -154,14 +154,13 @@ class BookKeeping:
     def _keeping_factors(self, rule: FactorRule):
         def norm_sampler(layer, activations, backprops):
             norms = {}
-            grams = Grams()
-            for pairs, rows, sample in rule(layer, activations, backprops):
-                for p, (a, g) in pairs.items():
-                    if gram_is_cheaper(a, g, grams):
-                        self.factors.append((p, *rows[p], sample))
-                        norms[p] = outer_sum_norm(a, g, grams)
+            for rows, runs in rule(layer, activations, backprops):
+                for p, (a, g) in rows.items():
+                    if runs.grams_are_cheaper(a, g):
+                        self.factors.append((p, a, g, runs.sample))
+                        norms[p] = runs.norms(a, g)
                     else:  # the norm forms the per-sample gradients anyway: keep those, not the factors
-                        per_sample = torch.einsum("ntq,ntp->nqp", g, a)
+                        per_sample = torch.einsum("ntq,ntp->nqp", runs.lay_out(g), runs.lay_out(a))
                         self.grad_samples.append({p: per_sample.reshape(len(per_sample), *p.shape)})
                         norms[p] = per_sample.flatten(1).norm(dim=1)
             return norms

@@ -16,10 +16,11 @@ FactorPairs = dict[torch.nn.Parameter, tuple[torch.Tensor, torch.Tensor]]
 #
 # Every expert tensor's per-sample gradient is an outer-product sum over the sample's token slots
 # routed to the expert, sum_t g_t^T a_t. Each bank gives, per expert, one factor pair of rows
-# (a [M,p], g [M,q]) over the M routed slots per tensor of ``expert_params(e)``; the pairs are laid
-# out per sample as [N, W, *] (W: the most slots any sample routed to the expert, padding zero).
-# The grad sampler forms the sums, the norm sampler (ghost clipping) only their norms, and
-# book-keeping clipping (bookkeeping.py) their clipped sum over the batch, from the unpadded rows.
+# (a [M,p], g [M,q]) over the M routed slots per tensor of ``expert_params(e)``, in runs by sample
+# (RowRuns). The grad sampler lays them out per sample as [N, W, *] (W: the most slots any sample
+# routed to the expert, padding zero) and forms the sums, the norm sampler (ghost clipping) only
+# their norms, from the rows, and book-keeping clipping (bookkeeping.py) their norms and their
+# clipped sum over the batch, from the rows.
 
 def _gelu_expert_factors(bank: ExpertBank, x: torch.Tensor, g_out: torch.Tensor, e: int, kept=None):
     """(a, g) rows for w_in [d,h], b_in [h], w_out [h,d], b_out [d] of expert e, from its routed
@@ -59,40 +60,107 @@ def _swiglu_expert_factors(bank: SwiGLUExpertBank, x: torch.Tensor, g_out: torch
 EXPERT_FACTORS = {ExpertBank: _gelu_expert_factors, SwiGLUExpertBank: _swiglu_expert_factors}
 
 
-def expert_bank_factor_rows(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> list[tuple[torch.Tensor, FactorPairs]]:
-    """x [N,T,d], index [N,T], backprops [N,T,d] -> [(routed [N,T], {param: (a [M,p], g [M,q])})], one
+def expert_bank_factor_rows(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> list[tuple[RowRuns, FactorPairs]]:
+    """x [N,T,d], index [N,T], backprops [N,T,d] -> [(runs, {param: (a [M,p], g [M,q])})], one
     entry per expert with a trainable tensor: the factor rows of each of its trainable tensors over
-    the M slots routed to it, in row-major order (as x[routed] lists them)."""
+    the M slots routed to it, in row-major order (as x[index == e] lists them), in runs by sample."""
     x, index = activations[0].to(backprops.dtype), activations[1]
+    n, t = index.shape
     factors = EXPERT_FACTORS[type(bank)]
     # the forward's hidden layers, where it kept them (book-keeping clipping on a GELU bank)
     keeper = getattr(bank, "hidden_keeper", None)
     kept = keeper.pop() if keeper is not None else {}
+    x, backprops = x.flatten(0, 1), backprops.flatten(0, 1)
     experts = []
     for e in range(bank.num_experts):
         params = bank.expert_params(e)
         if any(p.requires_grad for p in params):
-            routed = index == e
-            rows = factors(bank, x[routed], backprops[routed], e, kept.get(e))
-            experts.append((routed, {p: pair for p, pair in zip(params, rows, strict=True) if p.requires_grad}))
+            slots = (index.flatten() == e).nonzero().squeeze(1)
+            sample = slots // t
+            width = int(torch.bincount(sample, minlength=n).max()) if n else 0
+            rows = factors(bank, x.index_select(0, slots), backprops.index_select(0, slots), e, kept.get(e))
+            runs = RowRuns(sample, n, width)
+            experts.append((runs, {p: pair for p, pair in zip(params, rows, strict=True) if p.requires_grad}))
     return experts
 
 
-def lay_out_per_sample(routed: torch.Tensor, rows: FactorPairs) -> FactorPairs:
-    """Factor rows [M,*] over the slots ``routed`` [N,T] marks (row-major) laid out per sample as
-    [N, W, *], W = the most slots any sample routed, padding zero; a factor that several tensors
-    share is laid out once."""
-    n = len(routed)
-    width = int(routed.sum(dim=1).max()) if routed.numel() else 0
-    sample, slot = routed.nonzero(as_tuple=True)
-    position = (routed.cumsum(dim=1) - 1)[sample, slot]
-    laid: dict[int, torch.Tensor] = {}
-    for a, g in rows.values():
-        for t in (a, g):
-            if id(t) not in laid:
-                laid[id(t)] = t.new_zeros(n, width, t.shape[-1])
-                laid[id(t)][sample, position] = t
-    return {p: (laid[id(a)], laid[id(g)]) for p, (a, g) in rows.items()}
+class RowRuns:
+    """Rows [M, *] of a layer's factors that come in runs, one run per sample: ``sample`` [M]
+    (nondecreasing), at most ``width`` rows a run (an expert's routed slots in row-major order; a
+    linear layer's N x T positions, every run full).
+
+    A tensor's per-sample gradient is sum_t g_t^T a_t over its sample's run, and its squared norm
+    the Gram form sum_{t,s} (a_t.a_s)(g_t.g_s) over pairs of the same run. Those pairs are found
+    without laying the rows out per sample (a zero-filled [N, W, *] copy, W the longest run, about
+    twice the rows for an expert): the rows are cut into blocks of ``width`` rows, so a run lies in
+    one block or two neighbours, and the Grams of each block with itself and with the next block
+    hold every pair of a run (a block with itself only, where every run is full: its runs are its
+    blocks). Each factor's block Grams are formed once (a weight and its bias share their output
+    gradient's factor; a bias's other factor is all ones).
+    """
+
+    def __init__(self, sample: torch.Tensor, num_samples: int, width: int) -> None:
+        self.sample, self.num_samples, self.width = sample, num_samples, max(width, 1)
+        self.aligned = len(sample) == num_samples * self.width  # runs of at most `width` rows: all full
+        self.blocks = -(-len(sample) // self.width)
+        self._padding = self.blocks * self.width - len(sample)
+        self._grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if not self.aligned:  # padding rows belong to no sample (a last bin, dropped)
+            run = torch.nn.functional.pad(sample, (0, self._padding), value=num_samples).view(self.blocks, self.width)
+            self._run = run
+            self._same = run.unsqueeze(2) == run.unsqueeze(1)  # [B, W, W]: rows of one run within a block
+            self._same_next = run[:-1].unsqueeze(2) == run[1:].unsqueeze(1)  # [B-1, W, W]: ... in a block and the next
+
+    @classmethod
+    def full(cls, num_samples: int, width: int, device: torch.device) -> RowRuns:
+        """N samples of ``width`` rows each (a linear layer's positions)."""
+        return cls(torch.arange(num_samples, device=device).repeat_interleave(width), num_samples, width)
+
+    def lay_out(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows [M, *] laid out per sample [N, W, *], padding zero."""
+        if self.aligned:
+            return rows.view(self.num_samples, self.width, *rows.shape[1:])
+        counts = torch.bincount(self.sample, minlength=self.num_samples)
+        position = torch.arange(len(self.sample), device=rows.device) - (counts.cumsum(0) - counts)[self.sample]
+        laid = rows.new_zeros(self.num_samples, self.width, *rows.shape[1:])
+        laid[self.sample, position] = rows
+        return laid
+
+    def gram_work(self, x: torch.Tensor) -> int:
+        """Work still to do (per row, over its block rows) for x's block Grams: 0 once formed."""
+        return 0 if id(x) in self._grams else x.shape[-1] * (1 if self.aligned else 2)
+
+    def grams_are_cheaper(self, a: torch.Tensor, g: torch.Tensor) -> bool:
+        """For rows a [M,p], g [M,q]: whether the Gram form of the per-sample norms, M W (p+q)
+        work (twice that unless every run is full; less the Grams formed already, plus their
+        product), beats forming the per-sample gradients [N,q,p], N W p q work."""
+        product = 1 if self.aligned else 2
+        grams = len(self.sample) * self.width * (self.gram_work(a) + self.gram_work(g) + product)
+        return grams < self.num_samples * self.width * a.shape[-1] * g.shape[-1]
+
+    def _block_grams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # keyed by identity: the rows of one layer's call hold every factor, so no id is reused meanwhile
+        if id(x) not in self._grams:
+            blocks = torch.nn.functional.pad(x, (0, 0, 0, self._padding)).view(self.blocks, self.width, x.shape[-1])
+            within = torch.bmm(blocks, blocks.transpose(1, 2))
+            with_next = None if self.aligned else torch.bmm(blocks[:-1], blocks[1:].transpose(1, 2))
+            self._grams[id(x)] = (within, with_next)
+        return self._grams[id(x)]
+
+    def norms(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """|| sum_t g_t^T a_t ||_F per sample [N] for rows a [M,p], g [M,q], in the cheaper form."""
+        if not self.grams_are_cheaper(a, g):
+            return torch.einsum("ntq,ntp->nqp", self.lay_out(g), self.lay_out(a)).flatten(1).norm(dim=1)
+        (a_within, a_next), (g_within, g_next) = self._block_grams(a), self._block_grams(g)
+        if self.aligned:
+            sq = (a_within * g_within).sum(dim=(1, 2))
+        else:
+            # each row's sum over the rows of its run: those in its block, and (twice: the pair
+            # (t, s) and (s, t)) those in the next block
+            per_row = (a_within * g_within * self._same).sum(dim=2)
+            per_row[:-1] += 2 * (a_next * g_next * self._same_next).sum(dim=2)
+            sq = per_row.new_zeros(self.num_samples + 1).index_add_(0, self._run.flatten(), per_row.flatten())[:-1]
+        return sq.clamp_min(0).sqrt()
 
 
 def expert_bank_factor_pairs(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> FactorPairs:
@@ -100,53 +168,14 @@ def expert_bank_factor_pairs(bank, activations: list[torch.Tensor], backprops: t
     trainable tensor of the bank's experts: its per-sample gradient is sum_w g_w^T a_w ([q, p],
     reshaped to the parameter's shape)."""
     pairs = {}
-    for routed, rows in expert_bank_factor_rows(bank, activations, backprops):
-        pairs.update(lay_out_per_sample(routed, rows))
+    for runs, rows in expert_bank_factor_rows(bank, activations, backprops):
+        laid = {}
+        for a, g in rows.values():  # a factor that several tensors share is laid out once
+            for t in (a, g):
+                if id(t) not in laid:
+                    laid[id(t)] = runs.lay_out(t)
+        pairs.update({p: (laid[id(a)], laid[id(g)]) for p, (a, g) in rows.items()})
     return pairs
-
-
-class Grams:
-    """Per-sample Gram matrices x x^T [N,T,T] of the factors [N,T,p] of one layer's pairs, each
-    formed once: a weight and its bias share their output gradient's factor (a bias's other
-    factor is all ones), so the bias's norm costs an element-wise product."""
-
-    def __init__(self) -> None:
-        self._formed: dict[int, torch.Tensor] = {}
-
-    def cost(self, x: torch.Tensor) -> int:
-        """Work (per sample, over T^2) still to do for x's Gram: its width, or 0 once formed."""
-        return 0 if id(x) in self._formed else x.shape[-1]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # keyed by identity: the pairs of one call hold every factor, so no id is reused meanwhile
-        if id(x) not in self._formed:
-            self._formed[id(x)] = torch.einsum("ntp,nsp->nts", x, x)
-        return self._formed[id(x)]
-
-
-def gram_is_cheaper(a: torch.Tensor, g: torch.Tensor, grams: Grams) -> bool:
-    """For a [N,T,p], g [N,T,q]: whether the Gram form of the per-sample norm, N T^2 (p+q) work
-    (less the Grams ``grams`` holds already, plus their product), beats forming the per-sample sums
-    [N,p,q], N T p q work."""
-    t, p, q = a.shape[1], a.shape[-1], g.shape[-1]
-    return t * t * (grams.cost(a) + grams.cost(g) + 1) < t * p * q
-
-
-def outer_sum_norm(a: torch.Tensor, g: torch.Tensor, grams: Grams | None = None) -> torch.Tensor:
-    """|| sum_t a_t g_t^T ||_F per sample for a [N,T,p], g [N,T,q], without forming [N,p,q] when
-    the Gram form sum_{t,s} (a_t.a_s)(g_t.g_s) is cheaper."""
-    grams = grams if grams is not None else Grams()
-    if gram_is_cheaper(a, g, grams):
-        sq = (grams(a) * grams(g)).sum(dim=(1, 2))
-    else:
-        sq = torch.einsum("ntp,ntq->npq", a, g).pow(2).sum(dim=(1, 2))
-    return sq.clamp_min(0).sqrt()
-
-
-def pair_norms(pairs: FactorPairs) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """{param: || sum_t a_t g_t^T ||_F per sample [N]} for one layer's factor pairs, sharing Grams."""
-    grams = Grams()
-    return {p: outer_sum_norm(a, g, grams) for p, (a, g) in pairs.items()}
 
 
 @register_grad_sampler([ExpertBank, SwiGLUExpertBank])
@@ -159,7 +188,10 @@ def compute_expert_bank_grad_sample(bank, activations: list[torch.Tensor], backp
 @register_norm_sampler([ExpertBank, SwiGLUExpertBank])
 def compute_expert_bank_norm_sample(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample grad norms (ghost clipping): x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N]}."""
-    return pair_norms(expert_bank_factor_pairs(bank, activations, backprops))
+    norms = {}
+    for runs, rows in expert_bank_factor_rows(bank, activations, backprops):
+        norms.update({p: runs.norms(a, g) for p, (a, g) in rows.items()})
+    return norms
 
 
 @register_grad_sampler(PositionEmbedding)
