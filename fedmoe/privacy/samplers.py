@@ -93,10 +93,11 @@ class RowRuns:
     the Gram form sum_{t,s} (a_t.a_s)(g_t.g_s) over pairs of the same run. Those pairs are found
     without laying the rows out per sample (a zero-filled [N, W, *] copy, W the longest run, about
     twice the rows for an expert): the rows are cut into blocks of ``width`` rows, so a run lies in
-    one block or two neighbours, and the Grams of each block with itself and with the next block
-    hold every pair of a run (a block with itself only, where every run is full: its runs are its
-    blocks). Each factor's block Grams are formed once (a weight and its bias share their output
-    gradient's factor; a bias's other factor is all ones).
+    one block or two neighbours, and the Grams of each block's rows with the window of that block
+    and the next [B, W, 2W] hold every pair of a run, once within the block (as (t, s) and (s, t))
+    and once across (counted twice); where every run is full, a block's runs are the block and
+    its Gram with itself [B, W, W] holds them. Each factor's Grams are formed once (a weight and
+    its bias share their output gradient's factor; a bias's other factor is all ones).
     """
 
     def __init__(self, sample: torch.Tensor, num_samples: int, width: int) -> None:
@@ -104,12 +105,13 @@ class RowRuns:
         self.aligned = len(sample) == num_samples * self.width  # runs of at most `width` rows: all full
         self.blocks = -(-len(sample) // self.width)
         self._padding = self.blocks * self.width - len(sample)
-        self._grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if not self.aligned:  # padding rows belong to no sample (a last bin, dropped)
-            run = torch.nn.functional.pad(sample, (0, self._padding), value=num_samples).view(self.blocks, self.width)
-            self._run = run
-            self._same = run.unsqueeze(2) == run.unsqueeze(1)  # [B, W, W]: rows of one run within a block
-            self._same_next = run[:-1].unsqueeze(2) == run[1:].unsqueeze(1)  # [B-1, W, W]: ... in a block and the next
+        self._grams: dict[int, torch.Tensor] = {}
+        if not self.aligned:  # padding rows, and the window past the last block, belong to no sample (a last bin, dropped)
+            run = torch.nn.functional.pad(sample, (0, self._padding + self.width), value=num_samples)
+            self._run = run[:-self.width].view(self.blocks, self.width)
+            window = run.as_strided((self.blocks, 2 * self.width), (self.width, 1))
+            same = self._run.unsqueeze(2) == window.unsqueeze(1)  # [B, W, 2W]: a row and a row of its run
+            self._pair_weight = same * torch.cat([torch.ones(self.width), torch.full((self.width,), 2.0)]).to(sample.device)
 
     @classmethod
     def full(cls, num_samples: int, width: int, device: torch.device) -> RowRuns:
@@ -138,28 +140,30 @@ class RowRuns:
         grams = len(self.sample) * self.width * (self.gram_work(a) + self.gram_work(g) + product)
         return grams < self.num_samples * self.width * a.shape[-1] * g.shape[-1]
 
-    def _block_grams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _block_grams(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M,p] -> each block's rows against its window's rows: [B, W, 2W] ([B, W, W] where every run is full)."""
         # keyed by identity: the rows of one layer's call hold every factor, so no id is reused meanwhile
         if id(x) not in self._grams:
-            blocks = torch.nn.functional.pad(x, (0, 0, 0, self._padding)).view(self.blocks, self.width, x.shape[-1])
-            within = torch.bmm(blocks, blocks.transpose(1, 2))
-            with_next = None if self.aligned else torch.bmm(blocks[:-1], blocks[1:].transpose(1, 2))
-            self._grams[id(x)] = (within, with_next)
+            width, p = self.width, x.shape[-1]
+            if self.aligned:
+                blocks = x.view(self.blocks, width, p)
+                self._grams[id(x)] = torch.bmm(blocks, blocks.transpose(1, 2))
+            else:
+                padded = torch.nn.functional.pad(x, (0, 0, 0, self._padding + width))
+                window = padded.as_strided((self.blocks, 2 * width, p), (width * p, p, 1))
+                self._grams[id(x)] = torch.bmm(padded[:-width].view(self.blocks, width, p), window.transpose(1, 2))
         return self._grams[id(x)]
 
     def norms(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """|| sum_t g_t^T a_t ||_F per sample [N] for rows a [M,p], g [M,q], in the cheaper form."""
         if not self.grams_are_cheaper(a, g):
             return torch.einsum("ntq,ntp->nqp", self.lay_out(g), self.lay_out(a)).flatten(1).norm(dim=1)
-        (a_within, a_next), (g_within, g_next) = self._block_grams(a), self._block_grams(g)
+        pairs = self._block_grams(a) * self._block_grams(g)
         if self.aligned:
-            sq = (a_within * g_within).sum(dim=(1, 2))
+            sq = pairs.sum(dim=(1, 2))
         else:
-            # each row's sum over the rows of its run: those in its block, and (twice: the pair
-            # (t, s) and (s, t)) those in the next block
-            per_row = (a_within * g_within * self._same).sum(dim=2)
-            per_row[:-1] += 2 * (a_next * g_next * self._same_next).sum(dim=2)
-            sq = per_row.new_zeros(self.num_samples + 1).index_add_(0, self._run.flatten(), per_row.flatten())[:-1]
+            per_row = (pairs * self._pair_weight).sum(dim=2).flatten()
+            sq = per_row.new_zeros(self.num_samples + 1).index_add_(0, self._run.flatten(), per_row)[:-1]
         return sq.clamp_min(0).sqrt()
 
 
