@@ -20,10 +20,10 @@ it keeps the per-sample gradients
 Opacus' grad samplers compute for their norms anyway; after it, ``BookKeeping.write_clipped_sums`` puts sum_n c_n grad_n into every
 trainable parameter's ``.grad`` — what Opacus' second pass would have left there — and
 DPOptimizerFastGradientClipping adds the noise exactly as under ghost clipping. The pass asks
-autograd for the gradients of the entry layers' parameters only (layers whose inputs need no
-gradient: the patch or token embedding), so every layer's output gradient is computed and every
-hook fires, but autograd skips the weight gradients of the other layers, which the clipped sums
-replace; a trainable parameter that no hook saw is an error, not a silent unclipped gradient.
+autograd for the gradient of one parameter of each entry layer only (a layer whose inputs need
+no gradient: the patch or token embedding; its bias where it has one), so every layer's output
+gradient is computed and every hook fires, but autograd skips the weight gradients, which the
+clipped sums replace; a trainable parameter that no hook saw is an error, not a silent unclipped gradient.
 """
 
 from __future__ import annotations
@@ -132,16 +132,19 @@ class BookKeeping:
 
     def _note_entry(self, layer: nn.Module, args, kwargs) -> None:
         """A layer none of whose inputs needs a gradient starts the graph (a patch embedding, a
-        token embedding): its parameters are what the single backward pass differentiates for."""
+        token embedding): the single backward pass differentiates for one of its parameters, the
+        smallest (a bias: a sum of the output gradient, where the weight's is a product as large
+        as the layer's forward, which the clipped sum would replace)."""
         inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-        if torch.is_grad_enabled() and not any(t.requires_grad for t in inputs):
-            self.entry_parameters.update((p, None) for p in layer.parameters(recurse=False) if p.requires_grad)
+        trainable = [p for p in layer.parameters(recurse=False) if p.requires_grad]
+        if torch.is_grad_enabled() and trainable and not any(t.requires_grad for t in inputs):
+            self.entry_parameters[min(trainable, key=torch.Tensor.numel)] = None
 
     def backward(self, loss: torch.Tensor) -> None:
         """One backward pass of ``loss``, the sum of the batch's per-sample losses, that computes
-        every layer's output gradient (so every hook fires) but no parameter gradient beyond the
-        entry layers': autograd skips the weight gradients nothing asks for, and the clipped sums
-        replace them anyway."""
+        every layer's output gradient (so every hook fires) but no parameter gradient beyond one
+        per entry layer: autograd skips the weight gradients nothing asks for, and the clipped
+        sums replace them anyway."""
         entry, self.entry_parameters = list(self.entry_parameters), {}
         loss.backward(inputs=entry or None)
 
