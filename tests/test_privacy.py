@@ -96,6 +96,28 @@ def test_expert_bank_norm_sampler_equals_the_norms_of_its_grad_sampler(d, h, tok
         torch.testing.assert_close(norms[p], g.flatten(1).norm(dim=1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, normalized, bias", [((5, 6), (6,), True), ((5, 3, 6), (6,), False), ((4, 3, 2, 5), (2, 5), True)],
+                         ids=["rows", "tokens-no-bias", "two-dims"])
+def test_layer_norm_grad_samples_match_brute_force(shape, normalized, bias):
+    """Per-sample weight and bias gradients of a LayerNorm with a random affine part, against one
+    backward per sample of sum(output * backprops)."""
+    torch.manual_seed(4)
+    layer = torch.nn.LayerNorm(normalized, bias=bias)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    x, backprops = torch.randn(shape), torch.randn(shape)
+    expected = {p: [] for p in layer.parameters()}
+    for i in range(len(x)):
+        grads = torch.autograd.grad((layer(x[i : i + 1]) * backprops[i : i + 1]).sum(), list(expected))
+        for p, g in zip(expected, grads):
+            expected[p].append(g)
+    grad_samples = samplers.compute_layer_norm_grad_sample(layer, [x], backprops)
+    assert grad_samples.keys() == expected.keys()
+    for p, per_sample in expected.items():
+        torch.testing.assert_close(grad_samples[p], torch.stack(per_sample))
+
+
 def runs_of(counts: list[int]) -> samplers.RowRuns:
     """Runs of the given lengths, one per sample (zero: a sample without rows)."""
     sample = torch.tensor([n for n, c in enumerate(counts) for _ in range(c)], dtype=torch.long)
@@ -132,17 +154,19 @@ def test_row_runs_lay_out_each_sample_from_its_first_slot():
     torch.testing.assert_close(runs_of(counts).lay_out(rows), expected)
 
 
-def test_norms_sharing_a_factor_are_each_pairs_frobenius_norm():
-    """A weight and its bias share the output gradient's factor (the bias's other factor is ones);
-    sharing its block Grams must not mix up the pairs."""
+@pytest.mark.parametrize("counts", [[2, 5, 0, 3, 4, 1], [3, 3, 3, 3]], ids=["uneven", "full"])
+def test_norms_sharing_a_factor_are_each_pairs_frobenius_norm(counts):
+    """A weight and its bias share the output gradient's factor (the bias's other factor, a column
+    of ones, is drawn at random here: any one-column factor); sharing its block Grams must not mix
+    up the pairs, and the column's Grams come in the Gram form too."""
     torch.manual_seed(4)
-    counts = [2, 5, 0, 3, 4, 1]
-    runs = runs_of(counts)
-    a, g = torch.randn(15, 64, dtype=torch.float64), torch.randn(15, 128, dtype=torch.float64)
-    ones = torch.ones(15, 1, dtype=torch.float64)
-    weight_norms, bias_norms = runs.norms(a, g), runs.norms(ones, g)
+    runs, m = runs_of(counts), sum(counts)
+    a, g = torch.randn(m, 64, dtype=torch.float64), torch.randn(m, 128, dtype=torch.float64)
+    column = torch.randn(m, 1, dtype=torch.float64)
+    weight_norms = runs.norms(a, g)
+    assert runs.grams_are_cheaper(column, g)
     torch.testing.assert_close(weight_norms, brute_force_norms(counts, a, g), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(bias_norms, brute_force_norms(counts, ones, g), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(runs.norms(column, g), brute_force_norms(counts, column, g), rtol=1e-10, atol=1e-10)
 
 
 def test_planned_noise_matches_opacus_without_count_releases():

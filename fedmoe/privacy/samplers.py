@@ -1,11 +1,14 @@
 """Opacus grad and norm samplers for fedmoe's own layers: the expert banks (GELU and SwiGLU, with
-or without LoRA factors) and the position embedding. Importing this module registers them.
+or without LoRA factors) and the position embedding; and a faster LayerNorm grad sampler in
+place of Opacus' (the same values). Importing this module registers them.
 """
 
 from __future__ import annotations
 
 import torch
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
+from torch import nn
 
 from ..models.hf_moe import SwiGLUExpertBank
 from ..models.moe import ExpertBank, PositionEmbedding
@@ -146,12 +149,13 @@ class RowRuns:
         if id(x) not in self._grams:
             width, p = self.width, x.shape[-1]
             if self.aligned:
-                blocks = x.view(self.blocks, width, p)
-                self._grams[id(x)] = torch.bmm(blocks, blocks.transpose(1, 2))
+                blocks = window = x.view(self.blocks, width, p)
             else:
                 padded = torch.nn.functional.pad(x, (0, 0, 0, self._padding + width))
+                blocks = padded[:-width].view(self.blocks, width, p)
                 window = padded.as_strided((self.blocks, 2 * width, p), (width * p, p, 1))
-                self._grams[id(x)] = torch.bmm(padded[:-width].view(self.blocks, width, p), window.transpose(1, 2))
+            # a column's Gram (a bias's factor of ones) is an outer product, which bmm does ten times slower
+            self._grams[id(x)] = torch.bmm(blocks, window.transpose(1, 2)) if p > 1 else blocks * window.transpose(1, 2)
         return self._grams[id(x)]
 
     def norms(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -212,3 +216,20 @@ def compute_position_norm_sample(
 ) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample grad norms: backprops [N,S,d] -> {weight: [N]}."""
     return {module.weight: backprops.flatten(1).norm(dim=1)} if module.weight.requires_grad else {}
+
+
+@register_grad_sampler(nn.LayerNorm)
+def compute_layer_norm_grad_sample(layer: nn.LayerNorm, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample grads: x [N,...,*shape], backprops [N,...,*shape] -> {weight, bias: [N, *shape]}:
+    sum over the positions of normalised x times backprops, and of backprops. As Opacus' sampler,
+    but x is normalised through the affine kernel with weight one: on the CPU PyTorch's layer_norm
+    without a weight takes about twice as long (1.4 against 0.8 ms on [1024, 16, 64]), bit for bit
+    the same values."""
+    x, n = activations[0], len(layer.normalized_shape)
+    grads = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        normalised = nn.functional.layer_norm(x, layer.normalized_shape, torch.ones_like(layer.weight), eps=layer.eps)
+        grads[layer.weight] = sum_over_all_but_batch_and_last_n(normalised * backprops, n)
+    if layer.bias is not None and layer.bias.requires_grad:
+        grads[layer.bias] = sum_over_all_but_batch_and_last_n(backprops, n)
+    return grads
