@@ -144,19 +144,37 @@ class RowRuns:
         return grams < self.num_samples * self.width * a.shape[-1] * g.shape[-1]
 
     def _block_grams(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M,p] -> each block's rows against its window's rows: [B, W, 2W] ([B, W, W] where every run is full)."""
+        """x [M,p] -> each block's rows against its window's rows: [B, W, 2W] ([B, W, W] where every
+        run is full); no gradient flows through a norm (the clipping coefficients are constants)."""
         # keyed by identity: the rows of one layer's call hold every factor, so no id is reused meanwhile
-        if id(x) not in self._grams:
-            width, p = self.width, x.shape[-1]
+        key = id(x)
+        if key not in self._grams:
+            width = self.width
             if self.aligned:
-                blocks = window = x.view(self.blocks, width, p)
+                blocks = x.detach().view(self.blocks, width, x.shape[-1])
+                self._grams[key] = self._gram(blocks, blocks, x.new_empty(self.blocks, width, width))
             else:
-                padded = torch.nn.functional.pad(x, (0, 0, 0, self._padding + width))
-                blocks = padded[:-width].view(self.blocks, width, p)
-                window = padded.as_strided((self.blocks, 2 * width, p), (width * p, p, 1))
-            # a column's Gram (a bias's factor of ones) is an outer product, which bmm does ten times slower
-            self._grams[id(x)] = torch.bmm(blocks, window.transpose(1, 2)) if p > 1 else blocks * window.transpose(1, 2)
-        return self._grams[id(x)]
+                # the blocks whose window lies within the rows read them in place; only the rows
+                # past the last such window are copied, with padding
+                x, grams = x.detach().contiguous(), x.new_empty(self.blocks, width, 2 * width)
+                inner = max(len(x) // width - 1, 0)
+                tail = torch.nn.functional.pad(x[inner * width:], (0, 0, 0, self._padding + width))
+                self._window_grams(x, grams[:inner])
+                self._window_grams(tail, grams[inner:])
+                self._grams[key] = grams
+        return self._grams[key]
+
+    def _window_grams(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """x [>= (B + 1) W, p] -> out [B, W, 2W]: the first B blocks' rows against their windows."""
+        width, p = self.width, x.shape[-1]
+        window = x.as_strided((len(out), 2 * width, p), (width * p, p, 1))
+        self._gram(window[:, :width], window, out)
+
+    @staticmethod
+    def _gram(rows: torch.Tensor, window: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """rows [B, W, p], window [B, V, p] -> out [B, W, V]."""
+        # a column's Gram (a bias's factor of ones) is an outer product, which bmm does ten times slower
+        return torch.bmm(rows, window.transpose(1, 2), out=out) if rows.shape[-1] > 1 else torch.mul(rows, window.transpose(1, 2), out=out)
 
     def norms(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """|| sum_t g_t^T a_t ||_F per sample [N] for rows a [M,p], g [M,q], in the cheaper form."""
