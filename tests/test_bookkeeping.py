@@ -117,6 +117,35 @@ def test_empty_poisson_batches_take_noise_only_steps():
     assert not torch.equal(before["head.weight"], model.state_dict()["head.weight"])
 
 
+class TokenNet(torch.nn.Module):
+    """A token embedding with a padding index, ids repeated within a sample, and a linear head."""
+
+    def __init__(self, scale_grad_by_freq=False):
+        super().__init__()
+        self.embed = torch.nn.Embedding(9, 6, padding_idx=0, scale_grad_by_freq=scale_grad_by_freq)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)).mean(dim=1)), self.head.bias.new_zeros(len(ids))
+
+
+def test_token_embedding_step_is_the_mean_of_clipped_per_sample_gradients():
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 1, 4, 0], [2, 3, 3, 3], [0, 0, 5, 5], [8, 7, 6, 1], [4, 4, 4, 4]])
+    data = TensorDataset(ids, torch.randint(0, 3, (5,)))
+    assert_step_is_the_clipped_mean(TokenNet(), data, "bookkeeping")
+
+
+def test_an_embedding_scaled_by_batch_frequency_is_refused():
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    from fedmoe.privacy.bookkeeping import BookKeeping
+
+    gsm = GradSampleModuleFastGradientClipping(TokenNet(scale_grad_by_freq=True), batch_first=True, loss_reduction="sum")
+    with pytest.raises(ValueError, match="scale_grad_by_freq"):
+        BookKeeping(gsm)
+
+
 class SharedNormNet(torch.nn.Module):
     """A LayerNorm applied twice in one forward: its per-sample gradient is the sum over both uses."""
 

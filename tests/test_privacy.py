@@ -118,6 +118,21 @@ def test_layer_norm_grad_samples_match_brute_force(shape, normalized, bias):
         torch.testing.assert_close(grad_samples[p], torch.stack(per_sample))
 
 
+@pytest.mark.parametrize("padding_idx", [None, 0], ids=["no-padding", "padding"])
+def test_embedding_norms_match_brute_force(padding_idx):
+    """Per-sample gradient norms of a token embedding, with ids repeated within a sample (their rows
+    add up before squaring) and a sample of padding only, against one backward per sample."""
+    torch.manual_seed(5)
+    layer = torch.nn.Embedding(7, 4, padding_idx=padding_idx)
+    ids = torch.tensor([[1, 3, 1, 1], [0, 2, 0, 5], [0, 0, 0, 0], [6, 6, 2, 0]])
+    backprops = torch.randn(4, 4, 4, dtype=torch.float64)
+    expected = torch.stack([torch.autograd.grad((layer(ids[i]).double() * backprops[i]).sum(), layer.weight)[0].norm()
+                            for i in range(len(ids))])
+    rows = samplers.embedding_rows(layer, ids, backprops)
+    torch.testing.assert_close(samplers.embedding_norms(*rows, len(ids), 7), expected.to(torch.float64))
+    assert (len(rows[0]) == 16) == (padding_idx is None)
+
+
 def runs_of(counts: list[int]) -> samplers.RowRuns:
     """Runs of the given lengths, one per sample (zero: a sample without rows)."""
     sample = torch.tensor([n for n, c in enumerate(counts) for _ in range(c)], dtype=torch.long)
@@ -135,6 +150,7 @@ def brute_force_norms(counts: list[int], a: torch.Tensor, g: torch.Tensor) -> to
     ([1, 7, 7, 2, 0, 6, 3], 3, 4, False),  # narrow factors: the per-sample gradients are cheaper
     ([4, 4, 4, 4, 4], 64, 128, True),  # every run full: the blocks are the runs
     ([4, 4, 4, 4, 4], 2, 200, False),
+    ([3, 1, 0, 4], 1, 50, False),  # one column (a bias's factor): its own product order
     ([0, 0, 0], 8, 8, True),  # nothing routed
 ])
 def test_row_run_norms_in_either_form_are_the_frobenius_norm(counts, p, q, grams):

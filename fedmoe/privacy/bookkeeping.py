@@ -15,9 +15,12 @@ cheaper one (few positions T against the layer's widths), as rows in runs by sam
 RowRuns: an expert's rows are only the slots routed to it, and its norms come from those rows
 without a per-sample layout, which pads every sample to the most any sample routed), and
 otherwise the per-sample gradients [N, q, p] it formed for the norm (summing those is T times
-cheaper than the factor product); for the small layers without a rule (norms, embeddings, ...)
-it keeps the per-sample gradients
-Opacus' grad samplers compute for their norms anyway; after it, ``BookKeeping.write_clipped_sums`` puts sum_n c_n grad_n into every
+cheaper than the factor product). A token embedding's per-sample gradient is its output
+gradient's rows added into the table at the sample's ids: the pass keeps those rows, its norms
+sum them per (sample, id), and its clipped sum adds them in, scaled (Opacus' grad sampler would
+fill a [N, vocab, d] tensor). For the small layers without a rule (norms, position embeddings,
+...) it keeps the per-sample gradients Opacus' grad samplers compute for their norms anyway.
+After it, ``BookKeeping.write_clipped_sums`` puts sum_n c_n grad_n into every
 trainable parameter's ``.grad`` — what Opacus' second pass would have left there — and
 DPOptimizerFastGradientClipping adds the noise exactly as under ghost clipping. The pass asks
 autograd for the gradient of one parameter of each entry layer only (a layer whose inputs need
@@ -39,7 +42,7 @@ from torch import nn
 
 from ..models.hf_moe import SwiGLUExpertBank
 from ..models.moe import ExpertBank
-from .samplers import FactorPairs, RowRuns, expert_bank_factor_rows
+from .samplers import FactorPairs, RowRuns, embedding_norms, embedding_rows, expert_bank_factor_rows
 
 FactorGroup = tuple[FactorPairs, RowRuns]
 """Factor rows of some of a layer's tensors {param: (a [M,p], g [M,q])} and the runs, one per
@@ -106,6 +109,7 @@ class BookKeeping:
     def __init__(self, module: GradSampleModuleFastGradientClipping) -> None:
         self.module = module
         self.factors: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, a, g, sample)
+        self.lookups: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (table, ids, g, sample)
         self.grad_samples: list[dict[nn.Parameter, torch.Tensor]] = []
         self.entry_parameters: dict[nn.Parameter, None] = {}
         norm_samplers, grad_samplers = {}, dict(module.GRAD_SAMPLERS)
@@ -121,6 +125,11 @@ class BookKeeping:
             kind = type(layer)
             if kind in FACTOR_RULES:
                 norm_samplers[kind] = self._keeping_factors(FACTOR_RULES[kind])
+            elif kind is nn.Embedding:
+                if layer.scale_grad_by_freq:
+                    raise ValueError("book-keeping clipping: an nn.Embedding with scale_grad_by_freq has no per-sample "
+                                     "gradient (its gradient depends on the whole batch)")
+                norm_samplers[kind] = self._keeping_lookups
             else:
                 grad_samplers[kind] = self._keeping_grad_samples(module.GRAD_SAMPLERS.get(kind, ft_compute_per_sample_gradient))
             self._handles.append(layer.register_forward_pre_hook(self._note_entry, with_kwargs=True))
@@ -163,11 +172,18 @@ class BookKeeping:
                         self.factors.append((p, a, g, runs.sample))
                         norms[p] = runs.norms(a, g)
                     else:  # the norm forms the per-sample gradients anyway: keep those, not the factors
-                        per_sample = torch.einsum("ntq,ntp->nqp", runs.lay_out(g), runs.lay_out(a))
+                        per_sample = runs.per_sample(a, g)
                         self.grad_samples.append({p: per_sample.reshape(len(per_sample), *p.shape)})
                         norms[p] = per_sample.flatten(1).norm(dim=1)
             return norms
         return norm_sampler
+
+    def _keeping_lookups(self, layer: nn.Embedding, activations, backprops):
+        """An embedding's norms from its rows (samplers.embedding_norms), which it keeps: the clipped
+        sum is each row scaled by its sample's coefficient, added into the table at its id."""
+        ids, g, sample = embedding_rows(layer, activations[0], backprops)
+        self.lookups.append((layer.weight, ids, g, sample))
+        return {layer.weight: embedding_norms(ids, g, sample, len(backprops), layer.num_embeddings)}
 
     def _keeping_grad_samples(self, grad_sampler):
         def keeping(layer, activations, backprops):
@@ -184,16 +200,22 @@ class BookKeeping:
         def add(p: nn.Parameter, value: torch.Tensor) -> None:
             sums[p] = sums[p] + value if p in sums else value
 
+        def per_row(sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return coefficients.to(dtype)[sample].unsqueeze(1)
+
         for p, a, g, sample in self.factors:
             # (c g)^T a = g^T (c a), each row scaled by its sample's coefficient: scale the narrower
             # factor (a bias's is its column of ones)
-            c = coefficients.to(g.dtype)[sample].unsqueeze(1)
+            c = per_row(sample, g.dtype)
             a, g = (a * c, g) if a.shape[-1] < g.shape[-1] else (a, g * c)
             add(p, (g.T @ a).reshape(p.shape).to(p.dtype))
+        for p, ids, g, sample in self.lookups:
+            add(p, torch.zeros_like(p).index_add_(0, ids, (g * per_row(sample, g.dtype)).to(p.dtype)))
         for grad_samples in self.grad_samples:
             for p, per_sample in grad_samples.items():
                 add(p, torch.einsum("n,n...->...", coefficients.to(per_sample.dtype), per_sample).to(p.dtype))
         self.factors.clear()
+        self.lookups.clear()
         self.grad_samples.clear()
         for bank in self._banks:  # what a forward without hooks firing (an empty batch) left
             bank.hidden_keeper.forwards.clear()

@@ -87,6 +87,13 @@ def expert_bank_factor_rows(bank, activations: list[torch.Tensor], backprops: to
     return experts
 
 
+def outer_product_sums(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """a [N,T,p], g [N,T,q] -> sum_t g_t^T a_t [N,q,p]."""
+    if a.shape[-1] == 1:  # a bias's column of ones: the row-vector product a^T g is about twice as fast as g^T a
+        return torch.bmm(a.transpose(1, 2), g).transpose(1, 2)
+    return torch.bmm(g.transpose(1, 2), a)
+
+
 class RowRuns:
     """Rows [M, *] of a layer's factors that come in runs, one run per sample: ``sample`` [M]
     (nondecreasing), at most ``width`` rows a run (an expert's routed slots in row-major order; a
@@ -176,10 +183,14 @@ class RowRuns:
         # a column's Gram (a bias's factor of ones) is an outer product, which bmm does ten times slower
         return torch.bmm(rows, window.transpose(1, 2), out=out) if rows.shape[-1] > 1 else torch.mul(rows, window.transpose(1, 2), out=out)
 
+    def per_sample(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """sum_t g_t^T a_t per sample [N,q,p] for rows a [M,p], g [M,q]."""
+        return outer_product_sums(self.lay_out(a), self.lay_out(g))
+
     def norms(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """|| sum_t g_t^T a_t ||_F per sample [N] for rows a [M,p], g [M,q], in the cheaper form."""
         if not self.grams_are_cheaper(a, g):
-            return torch.einsum("ntq,ntp->nqp", self.lay_out(g), self.lay_out(a)).flatten(1).norm(dim=1)
+            return self.per_sample(a, g).flatten(1).norm(dim=1)
         pairs = self._block_grams(a) * self._block_grams(g)
         if self.aligned:
             sq = pairs.sum(dim=(1, 2))
@@ -208,7 +219,7 @@ def expert_bank_factor_pairs(bank, activations: list[torch.Tensor], backprops: t
 def compute_expert_bank_grad_sample(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample grads: x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N, *param.shape]}."""
     pairs = expert_bank_factor_pairs(bank, activations, backprops)
-    return {p: torch.einsum("ntq,ntp->nqp", g, a).reshape(len(a), *p.shape) for p, (a, g) in pairs.items()}
+    return {p: outer_product_sums(a, g).reshape(len(a), *p.shape) for p, (a, g) in pairs.items()}
 
 
 @register_norm_sampler([ExpertBank, SwiGLUExpertBank])
@@ -218,6 +229,32 @@ def compute_expert_bank_norm_sample(bank, activations: list[torch.Tensor], backp
     for runs, rows in expert_bank_factor_rows(bank, activations, backprops):
         norms.update({p: runs.norms(a, g) for p, (a, g) in rows.items()})
     return norms
+
+
+# --- token embeddings (book-keeping clipping) -------------------------------------------------------
+#
+# An embedding's per-sample gradient is sum_t onehot(id_t)^T g_t: the output gradients of the
+# sample's positions summed per id, a handful of rows of the table. Opacus' grad sampler writes it
+# into a zero-filled [N, vocab, d] tensor; book-keeping clipping keeps the rows instead.
+
+def embedding_rows(layer: nn.Embedding, ids: torch.Tensor, backprops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [N,...], backprops [N,...,d] -> (ids [M], g [M,d], sample [M]) over the positions whose id
+    is not the layer's padding index (the padding row gets no gradient)."""
+    n = len(ids)
+    ids, g = ids.reshape(n, -1), backprops.reshape(n, -1, backprops.shape[-1])
+    sample = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)
+    if layer.padding_idx is None:
+        return ids.flatten(), g.flatten(0, 1), sample.flatten()
+    used = ids != layer.padding_idx
+    return ids[used], g[used], sample[used]
+
+
+def embedding_norms(ids: torch.Tensor, g: torch.Tensor, sample: torch.Tensor, num_samples: int, vocab: int) -> torch.Tensor:
+    """|| sum_t onehot(id_t)^T g_t ||_F per sample [N] for rows ids [M], g [M,d], sample [M]: each
+    sample's rows summed per id (one sort of the (sample, id) keys), then squared and summed."""
+    keys, position = torch.unique(sample * vocab + ids, return_inverse=True)
+    sums = g.new_zeros(len(keys), g.shape[-1]).index_add_(0, position, g)
+    return g.new_zeros(num_samples).index_add_(0, keys // vocab, sums.pow(2).sum(dim=1)).sqrt()
 
 
 @register_grad_sampler(PositionEmbedding)
