@@ -156,14 +156,14 @@ class RowRuns:
         # keyed by identity: the rows of one layer's call hold every factor, so no id is reused meanwhile
         key = id(x)
         if key not in self._grams:
-            width = self.width
+            x, width = x.detach(), self.width
             if self.aligned:
-                blocks = x.detach().view(self.blocks, width, x.shape[-1])
+                blocks = x.view(self.blocks, width, x.shape[-1])
                 self._grams[key] = self._gram(blocks, blocks, x.new_empty(self.blocks, width, width))
             else:
                 # the blocks whose window lies within the rows read them in place; only the rows
                 # past the last such window are copied, with padding
-                x, grams = x.detach().contiguous(), x.new_empty(self.blocks, width, 2 * width)
+                x, grams = x.contiguous(), x.new_empty(self.blocks, width, 2 * width)
                 inner = max(len(x) // width - 1, 0)
                 tail = torch.nn.functional.pad(x[inner * width:], (0, 0, 0, self._padding + width))
                 self._window_grams(x, grams[:inner])
