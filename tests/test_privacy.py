@@ -151,6 +151,8 @@ def brute_force_norms(counts: list[int], a: torch.Tensor, g: torch.Tensor) -> to
     ([4, 4, 4, 4, 4], 64, 128, True),  # every run full: the blocks are the runs
     ([4, 4, 4, 4, 4], 2, 200, False),
     ([3, 1, 0, 4], 1, 50, False),  # one column (a bias's factor): its own product order
+    ([1, 3], 16, 32, True),  # fewer rows than two blocks: no block's window lies within them
+    ([1, 1, 1, 1], 2, 16, True),  # a two-column factor's Grams (a bmm, not the one column's outer product)
     ([0, 0, 0], 8, 8, True),  # nothing routed
 ])
 def test_row_run_norms_in_either_form_are_the_frobenius_norm(counts, p, q, grams):
