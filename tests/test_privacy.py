@@ -96,18 +96,21 @@ def test_expert_bank_norm_sampler_equals_the_norms_of_its_grad_sampler(d, h, tok
         torch.testing.assert_close(norms[p], g.flatten(1).norm(dim=1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape, normalized, bias", [((5, 6), (6,), True), ((5, 3, 6), (6,), False), ((4, 3, 2, 5), (2, 5), True)],
-                         ids=["rows", "tokens-no-bias", "two-dims"])
-def test_layer_norm_grad_samples_match_brute_force(shape, normalized, bias):
-    """Per-sample weight and bias gradients of a LayerNorm with a random affine part, against one
-    backward per sample of sum(output * backprops)."""
+@pytest.mark.parametrize("shape, normalized, bias, eps, frozen_weight", [
+    ((5, 6), (6,), True, 1e-5, False), ((5, 3, 6), (6,), False, 1e-5, False), ((4, 3, 2, 5), (2, 5), True, 1e-5, False),
+    ((5, 3, 6), (6,), True, 0.5, False), ((5, 3, 6), (6,), True, 1e-5, True),
+], ids=["rows", "tokens-no-bias", "two-dims", "large-eps", "frozen-weight"])
+def test_layer_norm_grad_samples_match_brute_force(shape, normalized, bias, eps, frozen_weight):
+    """Per-sample gradients of a LayerNorm's trainable tensors with a random affine part, against
+    one backward per sample of sum(output * backprops)."""
     torch.manual_seed(4)
-    layer = torch.nn.LayerNorm(normalized, bias=bias)
+    layer = torch.nn.LayerNorm(normalized, eps=eps, bias=bias)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_()
+    layer.weight.requires_grad_(not frozen_weight)
     x, backprops = torch.randn(shape), torch.randn(shape)
-    expected = {p: [] for p in layer.parameters()}
+    expected = {p: [] for p in layer.parameters() if p.requires_grad}
     for i in range(len(x)):
         grads = torch.autograd.grad((layer(x[i : i + 1]) * backprops[i : i + 1]).sum(), list(expected))
         for p, g in zip(expected, grads):

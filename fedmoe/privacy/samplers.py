@@ -1,6 +1,6 @@
 """Opacus grad and norm samplers for fedmoe's own layers: the expert banks (GELU and SwiGLU, with
 or without LoRA factors) and the position embedding; and a faster LayerNorm grad sampler in
-place of Opacus' (the same values). Importing this module registers them.
+place of Opacus' (the same values). Importing this module registers them (at its end).
 """
 
 from __future__ import annotations
@@ -215,14 +215,12 @@ def expert_bank_factor_pairs(bank, activations: list[torch.Tensor], backprops: t
     return pairs
 
 
-@register_grad_sampler([ExpertBank, SwiGLUExpertBank])
 def compute_expert_bank_grad_sample(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample grads: x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N, *param.shape]}."""
     pairs = expert_bank_factor_pairs(bank, activations, backprops)
     return {p: outer_product_sums(a, g).reshape(len(a), *p.shape) for p, (a, g) in pairs.items()}
 
 
-@register_norm_sampler([ExpertBank, SwiGLUExpertBank])
 def compute_expert_bank_norm_sample(bank, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample grad norms (ghost clipping): x [N,T,d], index [N,T], backprops [N,T,d] -> {param: [N]}."""
     norms = {}
@@ -257,7 +255,6 @@ def embedding_norms(ids: torch.Tensor, g: torch.Tensor, sample: torch.Tensor, nu
     return g.new_zeros(num_samples).index_add_(0, keys // vocab, sums.pow(2).sum(dim=1)).sqrt()
 
 
-@register_grad_sampler(PositionEmbedding)
 def compute_position_grad_sample(
     module: PositionEmbedding, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[torch.nn.Parameter, torch.Tensor]:
@@ -265,7 +262,6 @@ def compute_position_grad_sample(
     return {module.weight: backprops} if module.weight.requires_grad else {}
 
 
-@register_norm_sampler(PositionEmbedding)
 def compute_position_norm_sample(
     module: PositionEmbedding, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[torch.nn.Parameter, torch.Tensor]:
@@ -273,7 +269,6 @@ def compute_position_norm_sample(
     return {module.weight: backprops.flatten(1).norm(dim=1)} if module.weight.requires_grad else {}
 
 
-@register_grad_sampler(nn.LayerNorm)
 def compute_layer_norm_grad_sample(layer: nn.LayerNorm, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample grads: x [N,...,*shape], backprops [N,...,*shape] -> {weight, bias: [N, *shape]}:
     sum over the positions of normalised x times backprops, and of backprops. As Opacus' sampler,
@@ -288,3 +283,12 @@ def compute_layer_norm_grad_sample(layer: nn.LayerNorm, activations: list[torch.
     if layer.bias is not None and layer.bias.requires_grad:
         grads[layer.bias] = sum_over_all_but_batch_and_last_n(backprops, n)
     return grads
+
+
+# Registered by call, not by decorator, so that `make mutation` mutates them: mutmut leaves
+# decorated functions alone.
+register_grad_sampler([ExpertBank, SwiGLUExpertBank])(compute_expert_bank_grad_sample)
+register_norm_sampler([ExpertBank, SwiGLUExpertBank])(compute_expert_bank_norm_sample)
+register_grad_sampler(PositionEmbedding)(compute_position_grad_sample)
+register_norm_sampler(PositionEmbedding)(compute_position_norm_sample)
+register_grad_sampler(nn.LayerNorm)(compute_layer_norm_grad_sample)
