@@ -125,10 +125,7 @@ class BookKeeping:
             kind = type(layer)
             if kind in FACTOR_RULES:
                 norm_samplers[kind] = self._keeping_factors(FACTOR_RULES[kind])
-            elif kind is nn.Embedding:
-                if layer.scale_grad_by_freq:
-                    raise ValueError("book-keeping clipping: an nn.Embedding with scale_grad_by_freq has no per-sample "
-                                     "gradient (its gradient depends on the whole batch)")
+            elif kind is nn.Embedding:  # (one scaled by batch frequency: dp_sgd refuses it)
                 norm_samplers[kind] = self._keeping_lookups
             else:
                 grad_samplers[kind] = self._keeping_grad_samples(module.GRAD_SAMPLERS.get(kind, ft_compute_per_sample_gradient))

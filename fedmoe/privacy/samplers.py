@@ -1,6 +1,7 @@
 """Opacus grad and norm samplers for fedmoe's own layers: the expert banks (GELU and SwiGLU, with
-or without LoRA factors) and the position embedding; and a faster LayerNorm grad sampler in
-place of Opacus' (the same values). Importing this module registers them (at its end).
+or without LoRA factors) and the position embedding; in place of Opacus' own, token embedding
+samplers that leave out the padding index, as autograd does, and a faster LayerNorm grad sampler
+(the same values). Importing this module registers them (at its end).
 """
 
 from __future__ import annotations
@@ -255,6 +256,26 @@ def embedding_norms(ids: torch.Tensor, g: torch.Tensor, sample: torch.Tensor, nu
     return g.new_zeros(num_samples).index_add_(0, keys // vocab, sums.pow(2).sum(dim=1)).sqrt()
 
 
+def compute_embedding_grad_sample(layer: nn.Embedding, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample grads (hooks): ids [N,...], backprops [N,...,d] -> {weight: [N, vocab, d]}. As
+    Opacus' sampler, but the padding row stays zero, as autograd leaves it (Opacus' adds the
+    padding positions' output gradients there)."""
+    if not layer.weight.requires_grad:
+        return {}
+    ids, g, sample = embedding_rows(layer, activations[0], backprops)
+    grads = g.new_zeros(len(backprops), *layer.weight.shape)
+    return {layer.weight: grads.index_put_((sample, ids), g, accumulate=True)}
+
+
+def compute_embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample grad norms (ghost clipping): ids [N,...], backprops [N,...,d] -> {weight: [N]},
+    without the padding positions, which Opacus' sampler counts (a norm above the gradient's)."""
+    if not layer.weight.requires_grad:
+        return {}
+    ids, g, sample = embedding_rows(layer, activations[0], backprops)
+    return {layer.weight: embedding_norms(ids, g, sample, len(backprops), layer.num_embeddings)}
+
+
 def compute_position_grad_sample(
     module: PositionEmbedding, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[torch.nn.Parameter, torch.Tensor]:
@@ -289,6 +310,8 @@ def compute_layer_norm_grad_sample(layer: nn.LayerNorm, activations: list[torch.
 # decorated functions alone.
 register_grad_sampler([ExpertBank, SwiGLUExpertBank])(compute_expert_bank_grad_sample)
 register_norm_sampler([ExpertBank, SwiGLUExpertBank])(compute_expert_bank_norm_sample)
+register_grad_sampler(nn.Embedding)(compute_embedding_grad_sample)
+register_norm_sampler(nn.Embedding)(compute_embedding_norm_sample)
 register_grad_sampler(PositionEmbedding)(compute_position_grad_sample)
 register_norm_sampler(PositionEmbedding)(compute_position_norm_sample)
 register_grad_sampler(nn.LayerNorm)(compute_layer_norm_grad_sample)
