@@ -121,9 +121,9 @@ def test_empty_poisson_batches_take_noise_only_steps():
 class TokenNet(torch.nn.Module):
     """A token embedding with a padding index, ids repeated within a sample, and a linear head."""
 
-    def __init__(self, scale_grad_by_freq=False):
+    def __init__(self, **embedding_options):
         super().__init__()
-        self.embed = torch.nn.Embedding(9, 6, padding_idx=0, scale_grad_by_freq=scale_grad_by_freq)
+        self.embed = torch.nn.Embedding(9, 6, padding_idx=0, **embedding_options)
         self.head = torch.nn.Linear(6, 3)
 
     def forward(self, ids):
@@ -141,17 +141,23 @@ def test_token_embedding_step_is_the_mean_of_clipped_per_sample_gradients(mode):
 
 
 @pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
-def test_an_embedding_scaled_by_batch_frequency_is_refused(mode):
+@pytest.mark.parametrize("option, message", [
+    ({"scale_grad_by_freq": True}, "DP-SGD: embedding embed has scale_grad_by_freq=True: its gradient depends on the whole "
+     "batch, so no per-example clipping bounds it; build it with scale_grad_by_freq=False"),
+    ({"max_norm": 0.5}, "DP-SGD: embedding embed has max_norm=0.5: its forward renormalises the rows of the batch's ids in "
+     "place, a change to the weights that depends on the private data and gets no noise; build it with max_norm=None"),
+], ids=["scale_grad_by_freq", "max_norm"])
+def test_an_embedding_dp_sgd_cannot_bound_is_refused_before_any_step(mode, option, message):
     ids = torch.tensor([[1, 1, 4, 0], [2, 3, 3, 3]])
     ledger = privacy.PrivacyLedger(site=0, target_epsilon=math.inf, delta=1e-5, noise_multiplier=1.0,
                                    count_noise_multiplier=20.0, sample_rate=1.0)
-    model = TokenNet(scale_grad_by_freq=True)
-    message = ("DP-SGD: embedding embed has scale_grad_by_freq=True: its gradient depends on the whole batch, so no "
-               "per-example clipping bounds it; build it with scale_grad_by_freq=False")
+    model = TokenNet(**option)
+    before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         privacy.train_private(model, TensorDataset(ids, torch.tensor([0, 1])), 2, torch.optim.SGD(model.parameters(), lr=0.1),
                               1, ledger, 1.0, mode, privacy.dp_generator())
     assert ledger.history == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 class SharedNormNet(torch.nn.Module):

@@ -125,7 +125,7 @@ class BookKeeping:
             kind = type(layer)
             if kind in FACTOR_RULES:
                 norm_samplers[kind] = self._keeping_factors(FACTOR_RULES[kind])
-            elif kind is nn.Embedding:  # (one scaled by batch frequency: dp_sgd refuses it)
+            elif kind is nn.Embedding:  # (dp_sgd refuses one scaled by batch frequency)
                 norm_samplers[kind] = self._keeping_lookups
             else:
                 grad_samplers[kind] = self._keeping_grad_samples(module.GRAD_SAMPLERS.get(kind, ft_compute_per_sample_gradient))

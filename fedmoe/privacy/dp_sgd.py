@@ -18,15 +18,22 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return max(1, math.ceil(num_examples / batch_size))
 
 
-def refuse_batch_dependent_gradients(model: torch.nn.Module) -> None:
-    """DP-SGD clips what each example adds to the gradient; an nn.Embedding with
-    scale_grad_by_freq divides each row's gradient by its id's count over the whole batch, so an
-    example's part depends on the others and its clipped norm bounds nothing (Opacus' samplers
-    ignore the scaling: ghost clipping's second pass would apply it, the hooks would not)."""
-    scaled = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Embedding) and module.scale_grad_by_freq]
-    if scaled:
-        raise ValueError(f"DP-SGD: embedding {', '.join(scaled)} has scale_grad_by_freq=True: its gradient depends on the "
-                         "whole batch, so no per-example clipping bounds it; build it with scale_grad_by_freq=False")
+def refuse_embeddings_dp_sgd_cannot_bound(model: torch.nn.Module) -> None:
+    """Two options of PyTorch's embeddings escape DP-SGD. ``scale_grad_by_freq`` divides each row's
+    gradient by its id's count over the whole batch, so an example's part depends on the others
+    and its clipped norm bounds nothing (Opacus' samplers ignore the scaling: ghost clipping's
+    second pass would apply it, the hooks would not). ``max_norm`` renormalises, in place during
+    the forward, the rows of the ids the batch holds: a change to the weights that depends on the
+    private data and gets no noise (the server would see which rows were read)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+            if module.scale_grad_by_freq:
+                raise ValueError(f"DP-SGD: embedding {name} has scale_grad_by_freq=True: its gradient depends on the "
+                                 "whole batch, so no per-example clipping bounds it; build it with scale_grad_by_freq=False")
+            if module.max_norm is not None:
+                raise ValueError(f"DP-SGD: embedding {name} has max_norm={module.max_norm}: its forward renormalises the "
+                                 "rows of the batch's ids in place, a change to the weights that depends on the private "
+                                 "data and gets no noise; build it with max_norm=None")
 
 
 def train_private(
@@ -52,7 +59,7 @@ def train_private(
 
     from ..training import MoELoss, TensorRows, as_fetched, train_epochs
 
-    refuse_batch_dependent_gradients(model)
+    refuse_embeddings_dp_sgd_cannot_bound(model)
     model.train()
     # Opacus' Poisson loader keeps this loader's dataset and collate function: batches are fetched whole
     loader = DataLoader(TensorRows(*dataset.tensors), batch_size=batch_size, generator=generator, collate_fn=as_fetched)
