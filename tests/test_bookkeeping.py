@@ -303,29 +303,59 @@ def test_training_leaves_no_book_keeping_hooks_or_keeper_on_the_model():
     MoELoss()(model(data.tensors[0]), data.tensors[1]).backward()  # plain training works again
 
 
-@pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
-def test_the_noise_is_drawn_in_opacus_secure_mode_from_the_sites_generator(mode, monkeypatch):
-    """Every noise draw goes through Opacus' hardened sampling (a sum of four Gaussians, against
-    floating-point attacks on one Gaussian) with the generator train_private was given."""
+def record_noise_draws(monkeypatch, replace=None) -> list[tuple]:
+    """Calls of Opacus' noise function, as (std, reference, generator, secure_mode); ``replace``
+    (reference -> tensor) stands in for the draw."""
     import opacus.optimizers.optimizer as opacus_optimizer
-    import opacus.optimizers.optimizer_fast_gradient_clipping as fast_clipping
 
     draws, original = [], opacus_optimizer._generate_noise
-    generator = privacy.dp_generator()
 
     def recording(std, reference, generator=None, secure_mode=False):
-        draws.append((generator, secure_mode))
-        return original(std, reference, generator=generator, secure_mode=secure_mode)
+        draws.append((std, reference, generator, secure_mode))
+        return replace(reference) if replace else original(std, reference, generator=generator, secure_mode=secure_mode)
 
-    for module in (opacus_optimizer, fast_clipping):  # hooks mode uses the first, ghost clipping the second
-        monkeypatch.setattr(module, "_generate_noise", recording)
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", recording)
+    return draws
+
+
+def two_steps_on_a_small_moe(mode: str, generator: torch.Generator, max_grad_norm: float) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(model before, model after) one epoch of two expected batches of 4, SGD at learning rate 1."""
     model = MoEClassifier(MoEConfig(d_model=8, expert_hidden=8, num_experts=4, top_k=2))
     freeze_inactive_experts(model, [1])
+    before = copy.deepcopy(model)
     ledger = privacy.PrivacyLedger(site=0, target_epsilon=8.0, delta=1e-5, noise_multiplier=1.0,
                                    count_noise_multiplier=20.0, sample_rate=0.5)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     data = TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
-    privacy.train_private(model, data, 4, optimizer, 1, ledger, 1.0, mode, generator)
-    trainable = sum(p.requires_grad for p in model.parameters())
-    assert len(draws) == 2 * trainable  # two steps, one draw per trainable tensor
-    assert all(g is generator and secure for g, secure in draws)
+    privacy.train_private(model, data, 4, optimizer, 1, ledger, max_grad_norm, mode, generator)
+    return before, model
+
+
+@pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
+def test_the_noise_is_drawn_in_opacus_secure_mode_from_the_sites_generator(mode, monkeypatch):
+    """Each step draws the noise of every trainable tensor through Opacus' hardened sampling (a
+    sum of four Gaussians, against floating-point attacks on one) with the generator
+    train_private was given, at standard deviation sigma C."""
+    draws = record_noise_draws(monkeypatch)
+    generator = privacy.dp_generator()
+    before, _ = two_steps_on_a_small_moe(mode, generator, 0.5)
+    trainable = sum(p.numel() for p in before.parameters() if p.requires_grad)
+    assert len(draws) == 2  # two steps
+    assert all((std, reference.numel(), g, secure) == (0.5, trainable, generator, True) for std, reference, g, secure in draws)
+
+
+@pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
+def test_each_tensor_gets_its_own_part_of_the_draw_divided_by_the_expected_batch(mode, monkeypatch):
+    """With gradients clipped to nothing, two SGD steps at learning rate 1 move each trainable
+    tensor by minus twice its slice of the draw (the draw's order: the model's trainable
+    parameters) over the expected batch of 4; frozen tensors do not move."""
+    record_noise_draws(monkeypatch, replace=lambda reference: torch.arange(reference.numel(), dtype=torch.float32))
+    before, after = two_steps_on_a_small_moe(mode, privacy.dp_generator(), 1e-12)
+    offset = 0
+    for (name, old), new in zip(before.named_parameters(), after.parameters(), strict=True):
+        if not old.requires_grad:
+            assert torch.equal(old, new), name
+            continue
+        slice_ = torch.arange(offset, offset + old.numel(), dtype=torch.float32).view_as(old)
+        torch.testing.assert_close(new - old, -2 * slice_ / 4, rtol=1e-5, atol=1e-4, msg=name)
+        offset += old.numel()

@@ -72,17 +72,18 @@ def clipped_gradient_sum(model, inputs, targets, max_grad_norm):
 def regenerated_noise(seed, num_counts, num_examples, params, std):
     """The noise a site drew from a generator seeded with ``seed``, replayed in the site's order:
     the count release, the data loader's base seed (torch draws one when an iterator starts), the
-    Poisson mask of the one step, then each trainable parameter's noise as Opacus' hardened
-    sampling draws it (one throwaway draw, then the halved sum of four)."""
+    Poisson mask of the one step, then the noise of all trainable parameters in one draw, as
+    Opacus' hardened sampling draws it (one throwaway draw, then the halved sum of four), cut in
+    the parameters' order."""
     generator = torch.Generator().manual_seed(seed)
     torch.randn(num_counts, generator=generator, dtype=torch.float64)
     torch.empty((), dtype=torch.int64).random_(generator=generator)
     torch.rand(num_examples, generator=generator)
-    noise = {}
-    for name, p in params:
-        torch.normal(mean=0, std=std, size=(1, 1), generator=generator)
-        noise[name] = sum(torch.normal(mean=0, std=std, size=p.shape, generator=generator) for _ in range(4)) / 2
-    return noise
+    torch.normal(mean=0, std=std, size=(1, 1), generator=generator)
+    total = sum(p.numel() for _, p in params)
+    flat = sum(torch.normal(mean=0, std=std, size=(total,), generator=generator) for _ in range(4)) / 2
+    sizes = [p.numel() for _, p in params]
+    return {name: z.view_as(p) for (name, p), z in zip(params, flat.split(sizes), strict=True)}
 
 
 @pytest.mark.parametrize("reproducible", [True, False])
