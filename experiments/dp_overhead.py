@@ -1,6 +1,6 @@
 """Micro-benchmark: DP-SGD epoch time over non-DP epoch time, same model, same data, one process.
 
-    python -m experiments.dp_overhead [--task fmnist|charlm] [--examples 6400] [--repeats 3] [--device cuda] [--out DIR]
+    python -m experiments.dp_overhead [--task fmnist|charlm] [--examples 6400] [--repeats 3] [--device cuda] [--profile] [--out DIR]
 
 Trains the task's default model (2 of 8 experts per MoE layer active, as a site trains them)
 for one epoch on random inputs without DP, with book-keeping clipping (one backward pass), with
@@ -8,16 +8,22 @@ Opacus ghost clipping (two) and with hooks (per-sample gradients), on one thread
 turns within each repeat, so background load falls on all of them alike; prints the median epoch
 times and their ratios; --out also writes dp_overhead.json. With --device the model trains on
 that device and the examples stay on the CPU, as at a site: batches are put together there and
-moved, so an epoch's time includes that.
+moved, so an epoch's time includes that. --profile then runs one more epoch without DP and one
+with book-keeping under torch's profiler and prints (and with --out saves) where each spends its
+time: operators by self time on the CPU and, on an accelerator, on the device, how much of the
+epoch the device was busy, and where the epoch made the host wait for the device.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,6 +58,49 @@ def epoch_seconds(mode: str, images: torch.Tensor, labels: torch.Tensor, cfg: Ru
     return time.perf_counter() - started
 
 
+def profile_epoch(mode: str, images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig, device: torch.device,
+                  rows: int = 25) -> dict:
+    """One epoch of ``mode`` under torch's profiler: the operator tables (self time on the CPU, and
+    on the device when there is one) and the device's busy share of the epoch's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall = epoch_seconds(mode, images, labels, cfg, device)
+    events = prof.key_averages()
+    tables = {"self_cpu": events.table(sort_by="self_cpu_time_total", row_limit=rows)}
+    summary = {"mode": mode, "profiled_epoch_seconds": round(wall, 3),
+               "self_cpu_seconds": round(sum(e.self_cpu_time_total for e in events) / 1e6, 3)}
+    if device.type == "cuda":
+        tables["self_device"] = events.table(sort_by="self_device_time_total", row_limit=rows)
+        busy = sum(e.self_device_time_total for e in events) / 1e6
+        summary.update(device_busy_seconds=round(busy, 3), device_busy_share=round(busy / wall, 3))
+    return {"summary": summary, "tables": tables}
+
+
+def sync_sites(mode: str, images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig, device: torch.device,
+               rows: int = 20) -> list[tuple[str, int]]:
+    """The host-device synchronisations of one epoch of ``mode`` on a CUDA device (torch's sync
+    debug mode warns at each), counted by the innermost line of fedmoe, Opacus or this benchmark
+    that asked for one."""
+    counts: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        ours = [f for f in traceback.extract_stack()[:-1] if any(part in f.filename for part in ("fedmoe", "opacus", "experiments"))]
+        site = f"{ours[-1].filename.rsplit('site-packages/', 1)[-1]}:{ours[-1].lineno} {ours[-1].line}" if ours else f"{filename}:{lineno}"
+        counts[site] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            epoch_seconds(mode, images, labels, cfg, device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return counts.most_common(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=("fmnist", "charlm"), default="fmnist")
@@ -60,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", choices=("pixels", "scattering"), default=RunConfig().features,
                         help="fmnist: the classifier reads pixels or scattering features (default: %(default)s)")
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="where the model trains (e.g. cuda)")
+    parser.add_argument("--profile", action="store_true", help="then profile one epoch without DP and one with book-keeping")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -89,6 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result, indent=2))
     save_json(result, args.out, "dp_overhead.json")
+    if args.profile:
+        for mode in ("none", "bookkeeping"):
+            profiled = profile_epoch(mode, inputs, targets, cfg, args.device)
+            print(json.dumps(profiled["summary"]))
+            for name, table in profiled["tables"].items():
+                print(f"--- {mode}, operators by {name.replace('_', ' ')} time\n{table}")
+                if args.out:
+                    (args.out / f"profile-{mode}-{name}.txt").write_text(table)
+            save_json(profiled["summary"], args.out, f"profile-{mode}.json")
+            if args.device.type == "cuda":
+                sites = sync_sites(mode, inputs, targets, cfg, args.device)
+                print(f"--- {mode}, host-device synchronisations by call site (count in one epoch)")
+                for site, count in sites:
+                    print(f"{count:8d}  {site}")
+                save_json({"mode": mode, "sync_sites": sites}, args.out, f"syncs-{mode}.json")
     return 0
 
 
