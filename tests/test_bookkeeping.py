@@ -344,6 +344,21 @@ def test_the_noise_is_drawn_in_opacus_secure_mode_from_the_sites_generator(mode,
     assert all((std, reference.numel(), g, secure) == (0.5, trainable, generator, True) for std, reference, g, secure in draws)
 
 
+def test_a_clipped_sum_is_noised_once():
+    """Opacus' guard against a gradient used in two steps (no zero_grad between them) holds for
+    the one-draw noise: a second draw over the same clipped sums is refused."""
+    from opacus.optimizers import DPOptimizer
+
+    layer = torch.nn.Linear(3, 2)
+    optimizer = DPOptimizer(torch.optim.SGD(layer.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                            expected_batch_size=4)
+    for p in layer.parameters():
+        p.summed_grad = torch.zeros_like(p)
+    privacy.dp_sgd.add_noise_in_one_draw(optimizer)
+    with pytest.raises(ValueError, match="zero_grad"):
+        privacy.dp_sgd.add_noise_in_one_draw(optimizer)
+
+
 @pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
 def test_each_tensor_gets_its_own_part_of_the_draw_divided_by_the_expected_batch(mode, monkeypatch):
     """With gradients clipped to nothing, two SGD steps at learning rate 1 move each trainable
