@@ -427,6 +427,18 @@ def test_every_per_sample_gradient_is_clipped(mode):
     assert float(unclipped) > 100 * 1e-3
 
 
+def test_an_accelerators_noise_seed_is_62_secret_bits_of_the_sites_generator():
+    """The seed of the noise generator on a GPU comes from the site's generator alone (the global
+    RNG, which the config seeds, has no part) and spans 62 bits, too many to enumerate."""
+    torch.manual_seed(0)
+    first = privacy.dp_sgd.secret_seed(torch.Generator().manual_seed(123))
+    torch.manual_seed(1)
+    assert privacy.dp_sgd.secret_seed(torch.Generator().manual_seed(123)) == first
+    generator = torch.Generator().manual_seed(7)
+    seeds = [privacy.dp_sgd.secret_seed(generator) for _ in range(200)]
+    assert len(set(seeds)) == 200 and max(seeds) > 2**61 and min(seeds) >= 0 and max(seeds) < 2**62
+
+
 def test_the_noise_is_drawn_from_the_sites_generator_not_the_global_one():
     torch.manual_seed(1)  # whatever the global generator holds, the same site generator gives the same step
     first, _ = one_step_update("ghost", 1.0, 1.0, privacy.dp_generator(99))

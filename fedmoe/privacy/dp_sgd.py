@@ -37,6 +37,13 @@ def refuse_embeddings_dp_sgd_cannot_bound(model: torch.nn.Module) -> None:
                                  "data and gets no noise; build it with max_norm=None")
 
 
+def secret_seed(generator: torch.Generator) -> int:
+    """62 random bits from the site's secret ``generator``: the seed of a generator on an accelerator
+    that draws the DP noise there. No seed the server could enumerate or derive from the config,
+    the seed or the round."""
+    return int(torch.randint(2**62, (1,), generator=generator))
+
+
 def add_noise_in_one_draw(optimizer) -> None:
     """Opacus' ``DPOptimizer.add_noise`` with one draw for all trainable tensors: p.grad =
     p.summed_grad + z_p, z ~ N(0, (sigma C)^2 I) over their concatenation, drawn by Opacus' secure
@@ -97,7 +104,7 @@ def train_private(
     if device.type != "cpu":
         # Opacus draws the noise on the parameters' device with the generator it is given, and the
         # sampling masks on the CPU: a generator for the device, seeded from the secret one
-        noise_generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        noise_generator = torch.Generator(device).manual_seed(secret_seed(generator))
     with warnings.catch_warnings():
         # "Secure RNG turned off" speaks of Opacus' own CSPRNG (torchcsprng); our noise comes from
         # the site's secret generator, drawn in secure mode below, and the README says so
