@@ -49,3 +49,22 @@ def test_a_method_with_a_bad_run_config_stops_the_benchmark_before_any_run(tmp_p
         benchmark.run_benchmark(preset, tmp_path, methods=("local_only", "expert_matched", "expert_matched_personal_all"))
     assert exit_info.value.code == 2 and ran == []
     assert "personalize" in capsys.readouterr().err
+
+
+def test_a_second_preset_run_into_the_same_folder_keeps_the_first_presets_rows(tmp_path, monkeypatch):
+    from experiments import dp_tuning
+    from experiments.reporting import read_rows
+
+    def fake_run(config, **kwargs):  # a summary as the app writes it; the accuracy names the point
+        return {"final_accuracy": config["learning-rate"] + config.get("local-epochs", 0),
+                "rounds": [{"epsilon_max": 1.0}]}
+
+    monkeypatch.setattr(dp_tuning, "run_app", fake_run)
+    first = {"sites": 3, "config": {"num-server-rounds": 2, "learning-rate": 0.01}, "grid": {"batch-size": [64]}}
+    second = {"sites": 3, "config": {"num-server-rounds": 2, "learning-rate": 0.02}, "grid": {"local-epochs": [2]}}
+    dp_tuning.run_tuning(first, tmp_path)
+    dp_tuning.run_tuning(second, tmp_path)
+    rows = read_rows(tmp_path / "tuning.csv")
+    assert [(r["run"], r["batch-size"], r["local-epochs"], float(r["final_accuracy"])) for r in rows] == [
+        ("batch-size=64", "64", "", 0.01), ("local-epochs=2", "", "2", 2.02)]
+    assert "batch-size" in (tmp_path / "tuning.md").read_text()
