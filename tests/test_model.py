@@ -99,3 +99,15 @@ def test_fixed_etf_head_is_a_simplex_frame_with_nothing_to_train_or_send():
     model.train(False)  # no router noise
     features = model.norm(model.moe_layers[0](model.position(model.embed(model.patches(images))))[0]).flatten(1)
     torch.testing.assert_close(model(images)[0], features @ weight)
+
+
+def test_a_token_is_one_patch_channel_by_channel_in_row_major_order():
+    model = MoEClassifier(small_config(image_size=8, in_channels=3, patch_size=2))
+    images = torch.randn(2, 3, 8, 8)
+    tokens = model.patches(images)
+    expected = torch.stack([
+        torch.stack([images[n, :, row * 2:row * 2 + 2, col * 2:col * 2 + 2].reshape(-1)
+                     for row in range(4) for col in range(4)])
+        for n in range(2)])
+    assert tokens.shape == (2, 16, 12) and tokens.is_contiguous()
+    assert torch.equal(tokens, expected)
