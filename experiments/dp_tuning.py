@@ -158,6 +158,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                    {"local-epochs": 2, "num-server-rounds": 20, "learning-rate-decay": 0.92},
                    {"local-epochs": 4, "num-experts": 8, "active-top-m": 4}],
     },
+    # full-scattering-eps1-sharing's best was its 20 rounds: more rounds again, at the same noisy steps (40 rounds
+    # of one epoch) and at twice them (20 rounds of four), the step size decaying to about the same final value
+    "full-scattering-eps1-rounds": {
+        "sites": FULL_ON_FEATURES["sites"],
+        "config": {**FULL_ON_FEATURES["config"], "target-epsilon": 1.0, "batch-size": 1024, "learning-rate": 0.04},
+        "points": [{"local-epochs": 4, "num-server-rounds": 20, "learning-rate-decay": 0.92},
+                   {"local-epochs": 1, "num-server-rounds": 40, "learning-rate-decay": 0.96}],
+    },
     # the smoke preset on scattering features (3 sites of 1600 training images, 5 rounds): a batch
     # of 512 leaves a site 15 steps, one of 128 about 60
     "smoke-scattering": {
