@@ -135,7 +135,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    {"adam-bc-floor": 0.03, "learning-rate": 0.02}, {"adam-bc-floor": 0.03, "learning-rate": 0.005}],
     },
     # the full preset on features at epsilon 1, whose target (within 6 points of non-DP) batch 1024 over four
-    # epochs misses by 1.6: at a fixed budget the planned sigma / B grows with the square root of the epochs over
+    # epochs misses by 1.4: at a fixed budget the planned sigma / B grows with the square root of the epochs over
     # the sampling rate (0.0121 for 1024 x 4 over 10 rounds, 0.0064 for 1024 x 1, 0.0049 for 2048 x 1), so fewer
     # and less noisy steps, against the step size
     "full-scattering-eps1": {
