@@ -46,7 +46,7 @@ run: setup
 	$(VPY) -m experiments.launch --sites 3
 
 test: setup
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q --durations=25
 
 # Mutation testing of the privacy, aggregation and messaging core against the fast unit tests
 # ([tool.mutmut] in pyproject.toml); not part of `make test` (it takes about an hour on 2 cores).
