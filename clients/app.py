@@ -31,6 +31,7 @@ from fedmoe.federation.personalization import personal_keys
 from fedmoe.federation.selection import select_active_experts
 from fedmoe.results import atomic_torch_save, state_sha256
 from fedmoe.training import (
+    ProximalLoss,
     evaluate as evaluate_model,
     freeze_inactive_experts,
     iterate_average,
@@ -51,6 +52,8 @@ LEDGER_FILE = "privacy_ledger.json"
 PERSONAL_STATE = "personal-parts"
 RESIDUAL_STATE = "compression-residual"  # error feedback of update-compression
 PERSONAL_FILE = "personal.pt"
+PERSONAL_MODEL_STATE = "personal-model"  # personal-model=ditto: the site's own whole model
+PERSONAL_MODEL_FILE = "personal_model.pt"
 MODEL_CACHE = "model-cache"  # the model the site holds: global, or broadcast under downlink-compression (fedmoe.federation.downlink)
 MODEL_CACHE_VERSION = "model-cache-version"
 
@@ -120,17 +123,24 @@ def restore_personal(cfg: RunConfig, context: Context, model: nn.Module, folder:
     """Put the site's personal parts (fedmoe.federation.personalization) over the global ones: from
     Context.state, or after a restart from its state folder; in its first round it starts from
     the global values."""
-    if not personal_keys(model.state_dict(), cfg.personalize):
-        return
-    if PERSONAL_STATE in context.state:
-        model.load_state_dict(wire.to_state_dict(context.state[PERSONAL_STATE]), strict=False)
-    elif (folder / PERSONAL_FILE).exists():
-        model.load_state_dict(torch.load(folder / PERSONAL_FILE, weights_only=True), strict=False)
+    if personal_keys(model.state_dict(), cfg.personalize):
+        kept = load_kept(context, folder, PERSONAL_STATE, PERSONAL_FILE)
+        if kept is not None:
+            model.load_state_dict(kept, strict=False)
 
 
-def keep_personal(context: Context, folder: Path, tensors: dict[str, torch.Tensor]) -> None:
-    context.state[PERSONAL_STATE] = wire.to_record(tensors)
-    atomic_torch_save(folder / PERSONAL_FILE, tensors)
+def load_kept(context: Context, folder: Path, state_key: str, file_name: str) -> dict[str, torch.Tensor] | None:
+    """Tensors the site keeps for itself: from Context.state, or after a restart from its state folder."""
+    if state_key in context.state:
+        return wire.to_state_dict(context.state[state_key])
+    if (folder / file_name).exists():
+        return torch.load(folder / file_name, weights_only=True)
+    return None
+
+
+def keep(context: Context, folder: Path, state_key: str, file_name: str, tensors: dict[str, torch.Tensor]) -> None:
+    context.state[state_key] = wire.to_record(tensors)
+    atomic_torch_save(folder / file_name, tensors)
 
 
 def load_ledger(cfg: RunConfig, context: Context, path: Path, site: int, num_examples: int) -> privacy.PrivacyLedger:
@@ -210,7 +220,8 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
         counts, cfg.num_experts, cfg.active_min_share, cfg.active_top_m)
     freeze_inactive_experts(model, active)
     compress = cfg.update_compression != "none"
-    received = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()} if compress else {}
+    keeps_received = compress or cfg.personal_model == "ditto"
+    received = {k: v.detach().clone() for k, v in model.state_dict().items()} if keeps_received else {}
     torch.manual_seed(seed)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(server_round), cfg.adam_bc_floor)
     with iterate_average(model, optimizer, cfg.ema_decay):
@@ -228,25 +239,53 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
     trained = trained_state(model)
     personal = {key: trained.pop(key) for key in personal_keys(trained, cfg.personalize)}
     if personal:
-        keep_personal(context, state_folder(msg, context, site), personal)
+        keep(context, state_folder(msg, context, site), PERSONAL_STATE, PERSONAL_FILE, personal)
     if compress:
         trained = compress_update(context, trained, received, cfg.update_compression)
+    if cfg.personal_model == "ditto":
+        train_personal_model(context, state_folder(msg, context, site), cfg, data, received, server_round, seed)
     return wire.encode_train_reply(trained, site, len(targets), active, counts, loss, ledger)
 
 
-def compress_update(context: Context, trained: dict[str, torch.Tensor], received: dict[str, np.ndarray],
+def compress_update(context: Context, trained: dict[str, torch.Tensor], received: dict[str, torch.Tensor],
                     method: str) -> dict[str, np.ndarray]:
     """The update (trained - received), compressed; what the compression lost is owed next round
     and kept in the node state (fedmoe.federation.compression)."""
     residual = wire.to_numpy(context.state[RESIDUAL_STATE]) if RESIDUAL_STATE in context.state else None
     feedback = ErrorFeedback(residual)
-    payload = feedback.compress({k: v.numpy() for k, v in trained.items()}, received, method)
+    payload = feedback.compress({k: v.numpy() for k, v in trained.items()}, {k: v.numpy() for k, v in received.items()}, method)
     context.state[RESIDUAL_STATE] = wire.to_record(feedback.residual)
     return payload
 
 
+def train_personal_model(context: Context, folder: Path, cfg: RunConfig, data, received: dict[str, torch.Tensor],
+                         server_round: int, seed: int) -> None:
+    """personal-model=ditto: the site's own whole model v (the received global model in its first
+    round) takes personal-epochs of training without noise on Ditto's objective
+    F_site(v) + (ditto-lambda / 2) ||v - w||^2, w the global model the site received this round
+    (fedmoe.training.ProximalLoss), and is kept like the personal parts.
+
+    It runs after the reply is complete and nothing the site sends reads it: the reply is a
+    function of the received model, the data and the DP mechanism's noise alone, so its guarantee
+    holds whatever v is. v is the site's, like its data; only its accuracy on the site's own test
+    split leaves, and under DP only with dp-site-evaluation=true, outside the guarantee."""
+    inputs, targets, _, _ = data
+    personal = tasks.build_model(cfg)
+    personal.load_state_dict(load_kept(context, folder, PERSONAL_MODEL_STATE, PERSONAL_MODEL_FILE) or received)
+    freeze_inactive_experts(personal, range(cfg.num_moe_layers * cfg.num_experts))
+    optimizer = make_optimizer(cfg.optimizer, personal.parameters(),
+                               cfg.round_learning_rate(server_round, cfg.personal_learning_rate), cfg.adam_bc_floor)
+    loader = make_loader(inputs, targets, cfg.personal_batch_size, torch.Generator().manual_seed(seed))
+    train_epochs(personal, loader, optimizer, cfg.personal_epochs, ProximalLoss(personal, received, cfg.ditto_lambda))
+    keep(context, folder, PERSONAL_MODEL_STATE, PERSONAL_MODEL_FILE, personal.state_dict())
+
+
 def evaluate_site(msg: Message, context: Context, cfg: RunConfig, site: int, model: nn.Module, data) -> RecordDict:
     _, _, test_inputs, test_targets = data
+    if cfg.personal_model == "ditto":  # the site judges the model it would use: its own
+        kept = load_kept(context, state_folder(msg, context, site), PERSONAL_MODEL_STATE, PERSONAL_MODEL_FILE)
+        if kept is not None:
+            model.load_state_dict(kept)
     loss, accuracy = evaluate_model(model, test_inputs, test_targets)
     per_nat = tasks.bits_per_nat(cfg, site)
     bits_per_char = None if per_nat is None else loss * per_nat

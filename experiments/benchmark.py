@@ -18,6 +18,10 @@ Methods
                        per-site accuracy is with the site's own head
   expert_matched_personal_all, expert_matched_personal_all_dp   the same with personalize=head,router,expert:
                        the site's own head, routers and a personal expert in every MoE layer
+  expert_matched_ditto, expert_matched_ditto_dp   expert_matched where each site also trains a whole
+                       model of its own without noise, pulled toward the global model and never sent
+                       (personal-model=ditto, Li et al. 2021), without and with DP; their per-site
+                       accuracy is that model's
   expert_matched_int8  expert_matched with int8 updates both ways (update-compression and
                        downlink-compression int8, error feedback) and sites that rebuild the
                        initial model from the run config (derive-initial-model)
@@ -145,6 +149,8 @@ FEDERATED = {
     "expert_matched_personal_dp": {"strategy": "expert-matched", "personalize": "head", **DP},
     "expert_matched_personal_all": {"strategy": "expert-matched", "personalize": "head,router,expert", "dp": False},
     "expert_matched_personal_all_dp": {"strategy": "expert-matched", "personalize": "head,router,expert", **DP},
+    "expert_matched_ditto": {"strategy": "expert-matched", "personal-model": "ditto", "dp": False},
+    "expert_matched_ditto_dp": {"strategy": "expert-matched", "personal-model": "ditto", **DP},
     "fedavg_full_moe_dp": {"strategy": "fedavg", "sparse-downlink": False, **DP},
     "expert_matched_int8": {"strategy": "expert-matched", "update-compression": "int8", "downlink-compression": "int8",
                             "derive-initial-model": True, "dp": False},
@@ -153,10 +159,11 @@ FEDERATED = {
 }
 IN_PROCESS = ("local_only", "centralized")
 PERSONAL = ("expert_matched_personal", "expert_matched_personal_dp", "expert_matched_personal_all",
-            "expert_matched_personal_all_dp")
+            "expert_matched_personal_all_dp", "expert_matched_ditto", "expert_matched_ditto_dp")
 METHODS = ("expert_matched", "fedavg_full_moe", "fedavg_dense", "local_only", "centralized",
            "expert_matched_dp", "fedavg_full_moe_dp", "expert_matched_personal", "expert_matched_personal_dp",
-           "expert_matched_personal_all", "expert_matched_personal_all_dp", "expert_matched_int8", "expert_matched_int4")
+           "expert_matched_personal_all", "expert_matched_personal_all_dp", "expert_matched_ditto",
+           "expert_matched_ditto_dp", "expert_matched_int8", "expert_matched_int4")
 
 
 def method_config(preset: dict[str, Any], method: str) -> dict[str, Any]:
@@ -168,7 +175,19 @@ def method_config(preset: dict[str, Any], method: str) -> dict[str, Any]:
     overrides = {**config, **(preset.get("dp-config", {}) if method.endswith("_dp") else {}), **FEDERATED[method]}
     if method == "fedavg_dense":
         overrides.update(dense_overrides(config))
+    if FEDERATED[method].get("personal-model") == "ditto":
+        overrides.update({k: v for k, v in personal_model_overrides(config).items() if k not in config})
     return overrides
+
+
+def personal_model_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """A Ditto site's own model trains as local_only's does (the preset's config, not its dp-config):
+    the comparison with local_only is then one of the pull toward the global model alone."""
+    from fedmoe.config import RunConfig
+
+    cfg = RunConfig.from_run_config(config)
+    return {"personal-batch-size": cfg.batch_size, "personal-learning-rate": cfg.learning_rate,
+            "personal-epochs": cfg.local_epochs}
 
 
 def dense_overrides(config: dict[str, Any]) -> dict[str, Any]:

@@ -143,6 +143,14 @@ class RunConfig:
     attack_expert: int = _key(-1, _at_least(-1), "global expert id the scale attack targets (-1: the attacker's least-used expert outside its active set)")
     # Personal parts each site keeps and never sends (fedmoe.federation.personalization)
     personalize: str = _key("none", _personal_parts, "none, or parts each site keeps for itself: head, router, expert (comma-separated)")
+    personal_model: str = _key("none", _choice("none", "ditto"), "ditto: each site also trains a whole model of its own, "
+                               "never sent, pulled toward the global model (Li et al. 2021; fedmoe.federation.personalization)")
+    ditto_lambda: float = _key(0.1, _at_least(0.0), "personal-model=ditto: weight of the pull (lambda/2) ||v - w||^2 "
+                               "of the personal model v toward the global model w the site received (0: local training alone)")
+    personal_epochs: int = _key(1, _at_least(1), "personal-model=ditto: epochs a round over the site's data")
+    personal_batch_size: int = _key(64, _at_least(1), "personal-model=ditto: batch size of the personal model's training")
+    personal_learning_rate: float = _key(0.002, _positive, "personal-model=ditto: step size in round 1, "
+                                         "decayed per round by learning-rate-decay as the site's")
     # Local training
     local_epochs: int = _key(1, _at_least(1), "epochs over the site's data per round")
     batch_size: int = _key(1024, _at_least(1), "expected local batch size (under DP the logical batch of each noisy step)")
@@ -257,6 +265,9 @@ class RunConfig:
         if _personal_parts(self.personalize) is None and self.personal_expert and self.task not in ("fmnist", "images", "charlm"):
             problems.append(f"run config 'personalize': a personal expert is built into fedmoe's own models "
                             f"(task fmnist, images or charlm), not task={self.task!r}")
+        if self.personal_model != "none" and _personal_parts(self.personalize) is None and self.personalize != "none":
+            problems.append(f"run config 'personal-model': a whole personal model replaces personal parts; "
+                            f"give personalize='none' with personal-model={self.personal_model!r}, got personalize={self.personalize!r}")
         if self.task in ("charlm", "hf-moe") and self.attack == "backdoor":
             problems.append("run config 'attack': the backdoor trigger is an image patch (task=fmnist), got 'backdoor'")
         grid, _, _ = self.input_grid()
@@ -314,8 +325,9 @@ class RunConfig:
             raise ConfigError("\n".join(problems))
         return config
 
-    def round_learning_rate(self, server_round: int) -> float:
-        return self.learning_rate * self.learning_rate_decay ** (server_round - 1)
+    def round_learning_rate(self, server_round: int, base: float | None = None) -> float:
+        """The round's step size: ``base`` (default learning-rate) decayed by learning-rate-decay a round."""
+        return (self.learning_rate if base is None else base) * self.learning_rate_decay ** (server_round - 1)
 
     def as_run_config(self) -> dict[str, Any]:
         return {config_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}

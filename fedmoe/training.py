@@ -193,6 +193,24 @@ class MoELoss(nn.Module):
         return per_sample.sum() / max(len(labels), 1)
 
 
+class ProximalLoss(MoELoss):
+    """MoELoss plus (lam / 2) ||theta - anchor||^2 over ``model``'s trainable parameters theta, once
+    per batch (the penalty's gradient is lam (theta - anchor) at every step). ``anchor`` maps
+    parameter names to tensors, e.g. the global model a site received. This is Ditto's personal
+    objective h(v) = F_site(v) + (lam / 2) ||v - w||^2 (Li, Hu, Beirami, Smith, ICML 2021)."""
+
+    def __init__(self, model: nn.Module, anchor: dict[str, torch.Tensor], lam: float) -> None:
+        super().__init__()
+        self.lam = lam
+        self.pairs = [(p, anchor[name].detach()) for name, p in model.named_parameters() if p.requires_grad]
+
+    def forward(self, output: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        loss = super().forward(output, labels)
+        if self.lam == 0:
+            return loss
+        return loss + 0.5 * self.lam * sum((p - a).pow(2).sum() for p, a in self.pairs)
+
+
 def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, epochs: int,
                  criterion: nn.Module | None = None) -> float:
     """Run ``epochs`` passes; return the mean per-batch loss. Batches go to the model's device."""

@@ -1,5 +1,6 @@
 """Personal parts (fedmoe.federation.personalization): which tensors they are, that they never leave a site,
-that the server neither expects nor aggregates them, and that a restarted site gets them back."""
+that the server neither expects nor aggregates them, and that a restarted site gets them back; and the
+whole personal model of personal-model=ditto: its objective, that nothing sent depends on it, that it is kept."""
 
 import dataclasses
 
@@ -8,13 +9,13 @@ import pytest
 import torch
 from flwr.app import MessageType
 
-from clients.app import PERSONAL_FILE, app as client_app
+from clients.app import PERSONAL_FILE, PERSONAL_MODEL_FILE, app as client_app
 from fedmoe.federation import personalization, wire
 from fedmoe.federation.aggregation import RobustRules
 from fedmoe.models.charlm import CharLMConfig, CharMoETransformer
 from fedmoe.config import ConfigError, RunConfig
 from fedmoe.models.moe import MoEClassifier, MoEConfig
-from fedmoe.training import evaluate
+from fedmoe.training import ProximalLoss, evaluate
 from server.strategy import ExpertMatched
 from tests.sites import context, global_model, message, needs_fmnist, reply_arrays, run_config, server_identity  # noqa: F401
 from tests.test_strategy_robustness import CFG, GLOBAL, reply
@@ -108,3 +109,66 @@ def test_personal_parts_never_leave_the_site_and_survive_a_restart(tmp_path, par
     client_app(message(model, 2, tmp_path / "run"), restarted)
     again = torch.load(state / "run" / PERSONAL_FILE, weights_only=True)
     assert not torch.equal(again[kept], saved[kept])
+
+
+def test_the_ditto_objective_adds_half_lambda_times_the_squared_distance_to_the_anchor():
+    """By hand: logits (0, ln 3) for label 1 cost ln(4/3); weight I and bias 0 against an anchor of
+    weight 0 and bias 1 are at squared distance 4, so lambda 0.5 adds 1; the frozen tensor adds nothing."""
+    model = torch.nn.Linear(2, 2)
+    extra = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    model.register_parameter("frozen", extra)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+        model.bias.zero_()
+    anchor = {"weight": torch.zeros(2, 2), "bias": torch.ones(2), "frozen": torch.zeros(3)}
+    logits = torch.tensor([[0.0, float(np.log(3.0))]])
+    loss = ProximalLoss(model, anchor, 0.5)((logits, torch.zeros(1)), torch.tensor([1]))
+    assert float(loss) == pytest.approx(np.log(4 / 3) + 1.0, rel=1e-6)
+    loss.backward()
+    assert torch.allclose(model.weight.grad, 0.5 * torch.eye(2)) and torch.allclose(model.bias.grad, torch.full((2,), -0.5))
+    assert float(ProximalLoss(model, anchor, 0.0)((logits, torch.zeros(1)), torch.tensor([1]))) == pytest.approx(np.log(4 / 3))
+
+
+@needs_fmnist
+def test_a_ditto_site_sends_exactly_what_it_sends_without_its_personal_model_and_keeps_that_model(tmp_path):
+    base = {"dp": True, "num-server-rounds": 3, "max-examples-per-site": 200, "d-model": 16, "expert-hidden": 16,
+            "batch-size": 32, "noise-multiplier": 1.0, "target-epsilon": 100.0, "dp-site-evaluation": True,
+            "dp-reproducible-noise": True, "personal-learning-rate": 0.01}
+    plain, ditto = run_config(base), run_config(base, **{"personal-model": "ditto", "ditto-lambda": 0.0})
+    model = global_model(plain)
+    sent_plain = reply_arrays(client_app(message(model, 1, tmp_path / "run"), context(plain, tmp_path / "plain")))
+    sent_ditto = reply_arrays(client_app(message(model, 1, tmp_path / "run"), context(ditto, tmp_path / "ditto")))
+    assert sent_ditto.keys() == sent_plain.keys()
+    assert all(torch.equal(sent_ditto[k], sent_plain[k]) for k in sent_plain)
+    assert not (tmp_path / "plain" / "run" / PERSONAL_MODEL_FILE).exists()
+    kept = torch.load(tmp_path / "ditto" / "run" / PERSONAL_MODEL_FILE, weights_only=True)
+    assert kept.keys() == model.state_dict().keys()
+    assert not torch.equal(kept["embed.weight"], model.state_dict()["embed.weight"])
+    assert not torch.equal(kept["embed.weight"], sent_ditto["embed.weight"])
+    # after a restart the site evaluates the model it kept, not the global one it is sent
+    from fedmoe.data import tasks
+
+    _, _, test_inputs, test_targets = tasks.site_data(RunConfig.from_run_config(ditto), 0, 3)
+    own = global_model(ditto)
+    own.load_state_dict(kept)
+    loss, accuracy = evaluate(own, test_inputs, test_targets)
+    restarted = context(ditto, tmp_path / "ditto")
+    metrics = client_app(message(model, 1, tmp_path / "run", MessageType.EVALUATE), restarted).content.metric_records[wire.METRICS]
+    assert metrics[wire.EVAL_ACCURACY] == accuracy and metrics[wire.EVAL_LOSS] == pytest.approx(loss, rel=1e-6)
+    # round 2 trains on from the kept model; a strong pull keeps it close to the global model it received
+    client_app(message(model, 2, tmp_path / "run"), restarted)
+    again = torch.load(tmp_path / "ditto" / "run" / PERSONAL_MODEL_FILE, weights_only=True)
+    assert not torch.equal(again["embed.weight"], kept["embed.weight"])
+    pulled = run_config(base, **{"personal-model": "ditto", "ditto-lambda": 100.0})
+    client_app(message(model, 1, tmp_path / "run"), context(pulled, tmp_path / "pulled"))
+    tied = torch.load(tmp_path / "pulled" / "run" / PERSONAL_MODEL_FILE, weights_only=True)
+
+    def distance(state):
+        return sum(float((state[k] - v).pow(2).sum()) for k, v in model.state_dict().items()) ** 0.5
+
+    assert distance(tied) < 0.5 * distance(kept)
+
+
+def test_a_personal_model_replaces_personal_parts():
+    with pytest.raises(ConfigError, match="run config 'personal-model': a whole personal model replaces personal parts"):
+        RunConfig.from_run_config({"personal-model": "ditto", "personalize": "head"})

@@ -68,3 +68,17 @@ def test_a_second_preset_run_into_the_same_folder_keeps_the_first_presets_rows(t
     assert [(r["run"], r["batch-size"], r["local-epochs"], float(r["final_accuracy"])) for r in rows] == [
         ("batch-size=64", "64", "", 0.01), ("local-epochs=2", "", "2", 2.02)]
     assert "batch-size" in (tmp_path / "tuning.md").read_text()
+
+
+def test_a_ditto_sites_own_model_trains_as_local_only_does_unless_told_otherwise():
+    """full-scattering: the DP methods step with batches of 1024 (its dp-config); local_only, and so
+    the Ditto site's own model, with the config's 64 at 0.002 for one epoch a round."""
+    from experiments import benchmark
+
+    preset = chosen(benchmark, "full-scattering")
+    config = benchmark.method_config(preset, "expert_matched_ditto_dp")
+    assert (config["batch-size"], config["personal-batch-size"]) == (1024, 64)
+    assert (config["personal-learning-rate"], config["personal-epochs"]) == (0.002, 1)
+    told = chosen_preset(benchmark.PRESETS, driver_parser("", benchmark.PRESETS).parse_args(
+        ["--preset", "full-scattering", "--out", "x", "-c", "personal-learning-rate=0.01"]))
+    assert benchmark.method_config(told, "expert_matched_ditto_dp")["personal-learning-rate"] == 0.01

@@ -17,6 +17,10 @@ are not releases at all). They persist in the site's node state and its state fo
 privacy ledger, so a restarted site keeps them. The server never aggregates them: the global
 model's copies keep their initial values, so with ``personalize`` the meaningful accuracy is each
 site's on its own test split, with its own parts.
+
+``personal-model=ditto`` is the other way a site gets something of its own: a whole personal
+model trained beside the federated one on Ditto's objective (fedmoe.training.ProximalLoss) without
+noise, after the site's reply is complete, and never read by it (clients.app.train_personal_model).
 """
 
 from __future__ import annotations
