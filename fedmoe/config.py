@@ -265,7 +265,7 @@ class RunConfig:
         if _personal_parts(self.personalize) is None and self.personal_expert and self.task not in ("fmnist", "images", "charlm"):
             problems.append(f"run config 'personalize': a personal expert is built into fedmoe's own models "
                             f"(task fmnist, images or charlm), not task={self.task!r}")
-        if self.personal_model != "none" and _personal_parts(self.personalize) is None and self.personalize != "none":
+        if self.personal_model != "none" and _personal_parts(self.personalize) is None and self.personal_parts:
             problems.append(f"run config 'personal-model': a whole personal model replaces personal parts; "
                             f"give personalize='none' with personal-model={self.personal_model!r}, got personalize={self.personalize!r}")
         if self.task in ("charlm", "hf-moe") and self.attack == "backdoor":
@@ -370,11 +370,16 @@ class RunConfig:
         )
 
     @property
-    def personal_expert(self) -> bool:
-        """Whether each MoE layer has an expert that every site keeps (personalize=expert)."""
+    def personal_parts(self) -> list[str]:
+        """The parts personalize names ('head,router' -> ['head', 'router']; 'none' -> [])."""
         from .federation.personalization import parse_parts
 
-        return "expert" in parse_parts(self.personalize)
+        return parse_parts(self.personalize)
+
+    @property
+    def personal_expert(self) -> bool:
+        """Whether each MoE layer has an expert that every site keeps (personalize=expert)."""
+        return "expert" in self.personal_parts
 
 
 def launch_config(config: Mapping[str, Any]) -> dict[str, Any]:
