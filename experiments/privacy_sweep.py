@@ -1,6 +1,6 @@
 """Privacy-budget sweep: accuracy against epsilon on the multi-domain split.
 
-    python -m experiments.privacy_sweep --preset smoke|full|recipe|benchmark-full|benchmark-smoke-scattering --out DIR [--target simulation|CONNECTION]
+    python -m experiments.privacy_sweep --preset smoke|full|recipe|default-job|benchmark-full|benchmark-smoke-scattering --out DIR [--target simulation|CONNECTION]
 
 Runs the fedmoe app (through experiments.launch) once per (target epsilon, seed) with dp=true,
 plus a dp=false reference per seed, and writes
@@ -55,6 +55,9 @@ PRESETS = {
         "sites": 3,
         "config": {**PIXELS},
     },
+    # the default job as `make run` runs it now (scattering features; "recipe" above keeps its pixel numbers)
+    "default-job": {"epsilons": [0.5, 1.0, 2.0, 3.0, 4.0, 8.0, 16.0, math.inf], "seeds": [0, 1, 2], "sites": 3,
+                    "config": {}},
     # the benchmark's full preset (10 sites, 32 experts, domain split) with its DP recipe, at the
     # budgets below epsilon 8 whose targets the utility issue names
     "benchmark-full": {"epsilons": [1.0, 3.0], "seeds": [0], **benchmark_dp_job("full"), "reference": False},
