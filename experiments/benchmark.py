@@ -12,6 +12,10 @@ Methods
                        same feed-forward parameters per token as the MoE activates
   local_only           each site trains the MoE alone on its own data, no federation
   centralized          all sites' training data pooled into one model (the upper bound)
+  class_pooled         the sites whose training splits hold the same classes pool their data, one
+                       model per such group (on the domain split: one per domain), judged on each
+                       site's own test split: what personalisation could reach if federation
+                       within a domain were free of noise and loss (classification tasks only)
   expert_matched_dp, fedavg_full_moe_dp   the first two with DP-SGD at target epsilon 8 per site
   expert_matched_personal, expert_matched_personal_dp   expert_matched where each site keeps its own
                        classifier head (personalize=head, never sent), without and with DP; their
@@ -28,8 +32,8 @@ Methods
   expert_matched_int4  the same with int4 updates (two values per byte) and the int8 downlink
 DP methods train with the preset's dp-config on top of its config (the DP recipe: batch size and
 step size tuned for DP-SGD, BENCHMARKS.md), the other methods with its config.
-The federated methods run the fedmoe app (experiments.launch, on the target); local_only and
-centralized train in this process with the sites' code: same model, optimiser, per-round learning
+The federated methods run the fedmoe app (experiments.launch, on the target); local_only,
+centralized and class_pooled train in this process with the sites' code: same model, optimiser, per-round learning
 rate and epochs per round, on the same partitions.
 
 With --seeds the benchmark runs once per seed (DIR/seed-N/, each as below) and DIR/seeds.md and
@@ -160,10 +164,10 @@ FEDERATED = {
     "expert_matched_int4": {"strategy": "expert-matched", "update-compression": "int4", "downlink-compression": "int8",
                             "derive-initial-model": True, "dp": False},
 }
-IN_PROCESS = ("local_only", "centralized")
+IN_PROCESS = ("local_only", "centralized", "class_pooled")
 PERSONAL = ("expert_matched_personal", "expert_matched_personal_dp", "expert_matched_personal_all",
             "expert_matched_personal_all_dp", "expert_matched_ditto", "expert_matched_ditto_dp")
-METHODS = ("expert_matched", "fedavg_full_moe", "fedavg_dense", "local_only", "centralized",
+METHODS = ("expert_matched", "fedavg_full_moe", "fedavg_dense", "local_only", "centralized", "class_pooled",
            "expert_matched_dp", "fedavg_full_moe_dp", "expert_matched_personal", "expert_matched_personal_dp",
            "expert_matched_personal_all", "expert_matched_personal_all_dp", "expert_matched_ditto",
            "expert_matched_ditto_dp", "expert_matched_int8", "expert_matched_int4")
@@ -229,10 +233,23 @@ def charlm_metrics(summary: dict[str, Any]) -> dict[str, Any]:
             "per_site_bits_per_char": rounds[-1]["site_bits_per_char"]}
 
 
+def site_groups(method: str, site_targets: list) -> dict[str, list[int]]:
+    """Which sites' training data each in-process model pools: local_only one site each,
+    centralized all, class_pooled the sites whose training labels are the same set of classes."""
+    if method == "local_only":
+        return {str(i): [i] for i in range(len(site_targets))}
+    if method == "centralized":
+        return {"all": list(range(len(site_targets)))}
+    groups: dict[str, list[int]] = {}
+    for i, targets in enumerate(site_targets):
+        groups.setdefault(",".join(map(str, sorted(set(targets.tolist())))), []).append(i)
+    return groups
+
+
 def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[str, Any]:
-    """local_only (one model per site, its data only) or centralized (one model, pooled data),
-    trained as a site trains: fresh optimiser per round, the round's learning rate, local-epochs,
-    ema-decay."""
+    """local_only (one model per site, its data only), centralized (one model, pooled data) or
+    class_pooled (one model per group of sites holding the same classes), trained as a site trains:
+    fresh optimiser per round, the round's learning rate, local-epochs, ema-decay."""
     import torch
 
     from fedmoe.data import tasks
@@ -243,10 +260,12 @@ def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[st
     started = time.time()
     data = [tasks.site_data(cfg, i, sites) for i in range(sites)]
     test_inputs, test_targets = tasks.global_test(cfg)
-    if method == "centralized":
-        groups = {"all": (torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data]))}
-    else:
-        groups = {str(i): (d[0], d[1]) for i, d in enumerate(data)}
+    if method == "class_pooled" and tasks.bits_per_nat(cfg) is not None:
+        raise ValueError("class_pooled groups sites by the classes they hold: a classification task only")
+    members = site_groups(method, [d[1] for d in data])
+    groups = {name: (torch.cat([data[i][0] for i in sites_in]), torch.cat([data[i][1] for i in sites_in]))
+              for name, sites_in in members.items()}
+    model_of = {i: name for name, sites_in in members.items() for i in sites_in}
     models: dict[str, torch.nn.Module] = {}
     curves: list[list[tuple[float, float]]] = []  # (loss, accuracy) on the global test set per round
     for name, (inputs, targets) in groups.items():
@@ -254,7 +273,7 @@ def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[st
         model = tasks.build_model(cfg)
         curve = []
         for r in range(1, cfg.num_server_rounds + 1):
-            seed = round_seed(cfg.seed, 0 if name == "all" else int(name), r)
+            seed = round_seed(cfg.seed, members[name][0], r)
             torch.manual_seed(seed)
             optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.round_learning_rate(r), cfg.adam_bc_floor)
             loader = make_loader(inputs, targets, cfg.batch_size, torch.Generator().manual_seed(seed))
@@ -263,8 +282,8 @@ def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[st
             curve.append(evaluate(model, test_inputs, test_targets))
         models[name] = model
         curves.append(curve)
-    per_site = {str(i): evaluate(models["all" if method == "centralized" else str(i)], d[2], d[3]) for i, d in enumerate(data)}
-    loss_per_round, accuracy_per_round = np.mean(curves, axis=0).T.tolist()  # local_only: mean over the sites' models
+    per_site = {str(i): evaluate(models[model_of[i]], d[2], d[3]) for i, d in enumerate(data)}
+    loss_per_round, accuracy_per_round = np.mean(curves, axis=0).T.tolist()  # several models: their mean
     if tasks.bits_per_nat(cfg) is not None:  # text: every window's bytes
         raw_bytes = sum(int(d[0].numel()) + len(d[0]) for d in data)
     else:  # uint8 pixels and one byte per label
@@ -272,7 +291,7 @@ def train_in_process(method: str, config: dict[str, Any], sites: int) -> dict[st
     result = {
         "final_accuracy": accuracy_per_round[-1],
         "per_site_accuracy": {site: acc for site, (_, acc) in per_site.items()},
-        "uplink_bytes_total": raw_bytes if method == "centralized" else 0,  # centralized moves the raw data
+        "uplink_bytes_total": 0 if method == "local_only" else raw_bytes,  # pooling moves the raw data
         "downlink_bytes_total": 0,
         "rounds": cfg.num_server_rounds,
         "wall_seconds": round(time.time() - started, 1),
@@ -471,7 +490,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "", f"config: `{json.dumps(report['config'])}`", "",
         markdown_table(rows, list(rows[0])), "",
         "local_only: final_accuracy is the mean over the sites' own models on the global test set; "
-        "centralized: uplink is the pooled raw training data.", "",
+        "centralized, class_pooled: uplink is the pooled raw training data.", "",
     ]
     lines += [f"- {key}: {value}" if isinstance(value, int) else f"- {key}: {value:.4f}"
               for key, value in report["headline"].items()]

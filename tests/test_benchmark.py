@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from experiments.benchmark import run_benchmark
+import torch
+
+from experiments.benchmark import run_benchmark, site_groups
 from tests.conftest import TINY_BENCHMARK, TINY_BENCHMARK_METHODS
 
 
@@ -20,6 +22,15 @@ def test_every_method_reports_the_same_schema(tiny_benchmark):
     for name in ("expert_matched", "fedavg_full_moe", "fedavg_dense"):
         assert saved["methods"][name]["uplink_bytes_total"] > 0
     assert saved["methods"]["local_only"]["uplink_bytes_total"] == 0
+
+
+def test_in_process_methods_pool_the_sites_they_should():
+    targets = [torch.tensor([0, 1, 1, 0]), torch.tensor([5, 7]), torch.tensor([1, 0, 0]), torch.tensor([5, 7, 7]),
+               torch.tensor([0, 1, 2])]
+    assert site_groups("local_only", targets) == {"0": [0], "1": [1], "2": [2], "3": [3], "4": [4]}
+    assert site_groups("centralized", targets) == {"all": [0, 1, 2, 3, 4]}
+    # same set of classes, whatever the counts; {0, 1, 2} is not {0, 1}
+    assert sorted(site_groups("class_pooled", targets).values()) == [[0, 2], [1, 3], [4]]
 
 
 def test_expert_matched_sends_less_than_fedavg_over_the_whole_moe(tiny_benchmark):
