@@ -122,7 +122,7 @@ def test_an_integer_payload_is_its_codes_plus_one_float32_scale_per_row(method, 
 
 @needs_fmnist
 @pytest.mark.parametrize("method", ["int8", "int4", "fp16"])
-def test_a_sites_compressed_reply_decodes_to_what_it_trained(tmp_path, method):
+def test_a_sites_compressed_reply_decodes_to_what_it_trained_and_the_next_one_pays_what_it_owed(tmp_path, method):
     base = {"num-server-rounds": 2, "max-examples-per-site": 200, "d-model": 16, "expert-hidden": 16, "dp": False,
             "seed": 2}
     plain = client_app(message(global_model(run_config(base)), 1, tmp_path), context(run_config(base), tmp_path / "a"))
@@ -153,6 +153,16 @@ def test_a_sites_compressed_reply_decodes_to_what_it_trained(tmp_path, method):
                                    value - global_arrays[key], atol=1e-6)
     with pytest.raises(wire.InvalidReply, match=f"compressed update \\({method}\\)"):
         wire.decode_train_reply(plain.content, global_arrays, num_experts, compression=method)
+    # the next round's reply carries what this one owed: decoded + new residual = trained + old residual
+    plain_next = wire.decode_train_reply(client_app(message(model, 2, tmp_path), context(run_config(base), tmp_path / "a")).content,
+                                         global_arrays, num_experts)
+    reply_next = client_app(message(model, 2, tmp_path), ctx)
+    decoded_next = wire.decode_train_reply(reply_next.content, global_arrays, num_experts, compression=method)
+    residual_next = wire.to_numpy(ctx.state["compression-residual"])
+    assert any(np.abs(residual[key]).max() > 0 for key in plain_next.arrays)
+    for key, value in plain_next.arrays.items():
+        np.testing.assert_allclose(decoded_next.arrays[key] - global_arrays[key] + residual_next[key],
+                                   value - global_arrays[key] + residual[key], atol=1e-6)
 
 
 @needs_fmnist
