@@ -26,7 +26,7 @@ from fedmoe import attacks
 from fedmoe.data import tasks
 from fedmoe.config import RunConfig
 from fedmoe.federation import downlink, wire
-from fedmoe.federation.compression import ErrorFeedback
+from fedmoe.federation.compression import PACKED, ErrorFeedback, pack
 from fedmoe.federation.personalization import personal_keys
 from fedmoe.federation.selection import select_active_experts
 from fedmoe.results import atomic_torch_save, state_sha256
@@ -249,13 +249,13 @@ def train_site(msg: Message, context: Context, cfg: RunConfig, site: int, model:
 
 def compress_update(context: Context, trained: dict[str, torch.Tensor], received: dict[str, torch.Tensor],
                     method: str) -> dict[str, np.ndarray]:
-    """The update (trained - received), compressed; what the compression lost is owed next round
-    and kept in the node state (fedmoe.federation.compression)."""
+    """The update (trained - received), compressed and packed into one array; what the compression
+    lost is owed next round and kept in the node state (fedmoe.federation.compression)."""
     residual = wire.to_numpy(context.state[RESIDUAL_STATE]) if RESIDUAL_STATE in context.state else None
     feedback = ErrorFeedback(residual)
     payload = feedback.compress({k: v.numpy() for k, v in trained.items()}, {k: v.numpy() for k, v in received.items()}, method)
     context.state[RESIDUAL_STATE] = wire.to_record(feedback.residual)
-    return payload
+    return {PACKED: pack(payload)}
 
 
 def train_personal_model(context: Context, folder: Path, cfg: RunConfig, data, received: dict[str, torch.Tensor],

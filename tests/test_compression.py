@@ -2,9 +2,12 @@
 loses nothing over rounds, malformed payloads rejected, and a real site's compressed reply
 decoded by the server into its trained tensors."""
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
+from flwr.app import RecordDict
 
 from clients.app import app as client_app
 from fedmoe.federation import compression, wire
@@ -120,6 +123,42 @@ def test_an_integer_payload_is_its_codes_plus_one_float32_scale_per_row(method, 
     assert sum(v.nbytes for v in payload.values()) == value_bytes + 64 * 4
 
 
+@pytest.mark.parametrize("method", ["int8", "int4", "fp16"])
+def test_a_packed_payload_unpacks_to_the_same_arrays_whatever_order_it_was_built_in(method):
+    payload = encode(UPDATE, method)
+    packed = compression.pack(payload)
+    assert packed.dtype == np.uint8 and packed.ndim == 1
+    assert np.array_equal(compression.pack(dict(reversed(list(payload.items())))), packed)
+    unpacked = compression.unpack(packed, method, ["t", "w", "b"], ZEROS)
+    assert set(unpacked) == set(payload)
+    for name, value in payload.items():
+        assert unpacked[name].dtype == value.dtype and np.array_equal(unpacked[name], value), name
+    # tensor by tensor in key order (b, t, w), each tensor's codes before its scales
+    order = ["b", "b" + compression.SCALE, "t", "t" + compression.SCALE, "w", "w" + compression.SCALE]
+    raw = b"".join(payload[name].tobytes() for name in order if name in payload)
+    assert zlib.decompress(packed.tobytes()) == raw
+
+
+# int8 arrays of UPDATE: w 5x7 codes + 5 scales, b 7 + 1, t 3x2x4 + 3: 35 + 20 + 7 + 4 + 24 + 12 bytes
+INT8_BYTES = 102
+PACKED = compression.pack(encode(UPDATE, "int8"))
+
+
+@pytest.mark.parametrize("packed,reason", [
+    (compression.pack(encode({k: UPDATE[k] for k in "wt"}, "int8")), f"holds {INT8_BYTES - 11} bytes where the 6 arrays of its 3 tensors take {INT8_BYTES}"),
+    (compression.pack(encode({**UPDATE, "x": UPDATE["b"]}, "int8")), f"holds more than {INT8_BYTES} bytes"),
+    (np.concatenate([PACKED, np.zeros(3, np.uint8)]), f"holds more than {INT8_BYTES} bytes"),
+    (PACKED[:-6], f"take {INT8_BYTES}"),
+    (np.frombuffer(zlib.compress(bytes(10**8)), np.uint8), f"holds more than {INT8_BYTES} bytes"),
+    (np.arange(40, dtype=np.uint8), "not a deflate stream"),
+    (PACKED.astype(np.int16), "must be uint8"),
+    (PACKED.reshape(1, -1), "must be uint8"),
+])
+def test_a_packed_stream_of_other_than_the_expected_bytes_is_refused(packed, reason):
+    with pytest.raises(MalformedPayload, match=reason):
+        compression.unpack(packed, "int8", UPDATE, ZEROS)
+
+
 @needs_fmnist
 @pytest.mark.parametrize("method", ["int8", "int4", "fp16"])
 def test_a_sites_compressed_reply_decodes_to_what_it_trained_and_the_next_one_pays_what_it_owed(tmp_path, method):
@@ -141,11 +180,13 @@ def test_a_sites_compressed_reply_decodes_to_what_it_trained_and_the_next_one_pa
         levels = {"int8": 127, "int4": 7}.get(method)
         tolerance = np.abs(update).max() / levels / 2 + 1e-6 if levels else np.abs(update).max() * 1e-3 + 1e-7
         assert np.abs(decoded.arrays[key] - value).max() <= tolerance, key
-    sent = {k: wire.array_to_numpy(a) for k, a in reply.content.array_records[wire.ARRAYS].items()}
+    packed = reply.content.array_records[wire.ARRAYS]
+    assert list(packed) == [compression.PACKED]
+    sent = zlib.decompress(wire.array_to_numpy(packed[compression.PACKED]).tobytes())
     shapes = [(len(v), v.size // len(v)) if v.ndim > 1 else (1, v.size) for v in trained.arrays.values()]
     expected = {"fp16": sum(2 * r * c for r, c in shapes), "int8": sum(r * c + 4 * r for r, c in shapes),
                 "int4": sum(r * ((c + 1) // 2) + 4 * r for r, c in shapes)}[method]
-    assert sum(v.nbytes for v in sent.values()) == expected
+    assert len(sent) == expected
     assert decoded.nbytes < trained.nbytes  # as received, headers and names included
     residual = wire.to_numpy(ctx.state["compression-residual"])
     for key, value in trained.arrays.items():  # what was not sent is owed, exactly
@@ -153,6 +194,13 @@ def test_a_sites_compressed_reply_decodes_to_what_it_trained_and_the_next_one_pa
                                    value - global_arrays[key], atol=1e-6)
     with pytest.raises(wire.InvalidReply, match=f"compressed update \\({method}\\)"):
         wire.decode_train_reply(plain.content, global_arrays, num_experts, compression=method)
+    # a NaN inside the packed stream is found after unpacking: in a scale, or in an fp16 update
+    payload = compression.unpack(wire.array_to_numpy(packed[compression.PACKED]), method, trained.arrays, global_arrays)
+    name = min(trained.arrays) + ("" if method == "fp16" else compression.SCALE)
+    payload[name] = np.full_like(payload[name], np.nan)
+    poisoned = RecordDict({**reply.content, wire.ARRAYS: wire.to_record({compression.PACKED: compression.pack(payload)})})
+    with pytest.raises(wire.InvalidReply, match="NaN or Inf" if method == "fp16" else "finite float32"):
+        wire.decode_train_reply(poisoned, global_arrays, num_experts, compression=method)
     # the next round's reply carries what this one owed: decoded + new residual = trained + old residual
     plain_next = wire.decode_train_reply(client_app(message(model, 2, tmp_path), context(run_config(base), tmp_path / "a")).content,
                                          global_arrays, num_experts)

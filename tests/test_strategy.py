@@ -272,7 +272,7 @@ def test_fedavg_moe_averages_the_tensors_compressed_replies_stand_for(method):
         trained = wire.to_numpy(original.content.array_records[wire.ARRAYS])
         payload = compression.encode({k: (v - GLOBAL[k]).astype(np.float32) for k, v in trained.items()}, method)
         stands_for = compression.decode(payload, method, GLOBAL)
-        for arrays, into in ((stands_for, plain), (payload, compressed)):
+        for arrays, into in ((stands_for, plain), ({compression.PACKED: compression.pack(payload)}, compressed)):
             content = RecordDict({**original.content, wire.ARRAYS: wire.to_record(arrays)})
             into.append(Message(content, reply_to=Message(RecordDict(), dst_node_id=site + 1,
                                                           message_type=MessageType.TRAIN)))

@@ -3,7 +3,8 @@ validation of train replies. The only module of the library that imports Flower.
 
 A train reply is RecordDict{"arrays": ArrayRecord, "metrics": MetricRecord} where the arrays
 hold exactly the tensors the site trained (every shared tensor plus the tensors of its active
-experts) and the metrics hold:
+experts; with update-compression, their compressed updates packed in one array,
+fedmoe.federation.compression) and the metrics hold:
   num-examples    int > 0, local training examples
   partition-id    int, the site
   active-experts  list[int], global expert ids (layer * num_experts + expert) it trained
@@ -36,8 +37,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from .compression import MalformedPayload
-from .compression import decode as compression_decode
+from . import compression as codec
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -242,11 +242,18 @@ def decode_train_reply(
         raise InvalidReply(f"'{EXPERT_COUNTS}' must be {total_experts} finite counts >= 0")
 
     record = content.array_records[ARRAYS]
-    received = {key: array_to_numpy(array) for key, array in record.items()}
-    if compression != "none":
+    active_set = set(active)
+    expected = {k for k in global_arrays if expert_id(k, num_experts) in active_set | {None}} - personal - frozen
+    if compression == "none":
+        received = {key: array_to_numpy(array) for key, array in record.items()}
+    else:
+        # the packed payload's layout follows from the tensors the reply must carry
+        if list(record) != [codec.PACKED]:
+            raise InvalidReply(f"compressed update ({compression}): one array '{codec.PACKED}' expected, got {sorted(record)[:3]}")
         try:
-            received = compression_decode(received, compression, global_arrays)
-        except MalformedPayload as exc:
+            payload = codec.unpack(array_to_numpy(record[codec.PACKED]), compression, expected, global_arrays)
+            received = codec.decode(payload, compression, global_arrays)
+        except codec.MalformedPayload as exc:
             raise InvalidReply(f"compressed update ({compression}): {exc}") from exc
     arrays: dict[str, np.ndarray] = {}
     for key, value in received.items():
@@ -265,8 +272,6 @@ def decode_train_reply(
             raise InvalidReply(f"tensor '{key}' has NaN or Inf")
         arrays[key] = value
 
-    active_set = set(active)
-    expected = {k for k in global_arrays if expert_id(k, num_experts) in active_set | {None}} - personal - frozen
     if set(arrays) != expected:
         missing = sorted(expected - set(arrays))[:3]
         extra = sorted(set(arrays) - expected)[:3]
