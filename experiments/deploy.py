@@ -11,6 +11,10 @@ Secure unless ``--insecure``: docker/make-credentials.sh makes the CA, certifica
 keys and SuperExec secrets in WORKDIR/secrets; the SuperLink requires TLS and SuperNode
 authentication; each site's public key is registered with ``flwr supernode register`` and the
 node id it gets goes into the site registry the ServerApp binds sites to (``site-registry``).
+
+``--app-timeline`` also records every app process Flower starts (experiments.process_timeline:
+one ``flwr-clientapp`` per message): when it ran and the CPU time it used, printed as a table
+beside the rounds' end times and saved as WORKDIR/logs/app-processes.json.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from fedmoe.deployment import SUPERLINK_PARTY, Secrets, Service, site_party, top
 from .launch import (
     BIN, Target, exit_on_sigterm, flower_env, free_port, run_app, wait_healthy, write_connection,
 )
+from .process_timeline import ProcessTimeline, format_timeline
 from .reporting import add_run_config_argument, checked_run_config, parse_overrides
 
 CONNECTION = "fedmoe-deploy"
@@ -216,6 +221,23 @@ class LocalDeployment:
         self.stop()
 
 
+def print_timeline(rows: list[dict], deployment: LocalDeployment, summary: dict, path: Path) -> None:
+    """The app processes' table, each ClientApp process named by the site whose SuperNode started
+    it, and the rounds' end times since the ServerApp started (summary.json)."""
+    site_of_port = {str(port): i for i, port in enumerate(deployment.node_ports)}
+
+    def label(argv: list[str]) -> str:
+        if "--runtime-api-address" not in argv:
+            return ""
+        port = argv[argv.index("--runtime-api-address") + 1].rsplit(":", 1)[-1]
+        return f"site {site_of_port[port]}" if port in site_of_port else ""
+
+    path.write_text(json.dumps(rows, indent=1))
+    print(format_timeline(rows, label))
+    print("rounds ended (seconds since the ServerApp started): "
+          + ", ".join(f"{r['elapsed_seconds']:.1f}" for r in summary["rounds"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,12 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("results") / "deploy")
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS, no SuperNode authentication: anyone who reaches the port may join (local trials only)")
+    parser.add_argument("--app-timeline", action="store_true",
+                        help="record when each app process ran and its CPU time (WORKDIR/logs/app-processes.json)")
     add_run_config_argument(parser)
     args = parser.parse_args(argv)
     overrides = checked_run_config(parse_overrides(args.run_config))
     started = time.time()
     with LocalDeployment(args.sites, args.workdir, insecure=args.insecure) as deployment:
-        summary = deployment.run(overrides, run_name=time.strftime("%Y%m%d-%H%M%S"))
+        timeline = ProcessTimeline() if args.app_timeline else contextlib.nullcontext()
+        with timeline:
+            summary = deployment.run(overrides, run_name=time.strftime("%Y%m%d-%H%M%S"))
+        if args.app_timeline:
+            print_timeline(timeline.rows(), deployment, summary, args.workdir / "logs" / "app-processes.json")
     print(f"deployment run completed in {time.time() - started:.0f}s: final accuracy {summary['final_accuracy']:.4f}; "
           f"logs in {args.workdir / 'logs'}")
     return 0
