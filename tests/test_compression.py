@@ -148,7 +148,8 @@ PACKED = compression.pack(encode(UPDATE, "int8"))
     (compression.pack(encode({k: UPDATE[k] for k in "wt"}, "int8")), f"holds {INT8_BYTES - 11} bytes where the 6 arrays of its 3 tensors take {INT8_BYTES}"),
     (compression.pack(encode({**UPDATE, "x": UPDATE["b"]}, "int8")), f"holds more than {INT8_BYTES} bytes"),
     (np.concatenate([PACKED, np.zeros(3, np.uint8)]), f"holds more than {INT8_BYTES} bytes"),
-    (PACKED[:-6], f"take {INT8_BYTES}"),
+    (PACKED[:-6], "cut short"),
+    (PACKED[:-4], f"cut short: its deflate stream stops after {INT8_BYTES} bytes"),  # every byte there, not the checksum
     (np.frombuffer(zlib.compress(bytes(10**8)), np.uint8), f"holds more than {INT8_BYTES} bytes"),
     (np.arange(40, dtype=np.uint8), "not a deflate stream"),
     (PACKED.astype(np.int16), "must be uint8"),

@@ -116,10 +116,13 @@ def unpack(packed: np.ndarray, method: str, keys: Iterable[str], global_arrays: 
         raw = inflater.decompress(packed.tobytes(), expected)
     except zlib.error as exc:
         raise MalformedPayload(f"'{PACKED}' is not a deflate stream: {exc}") from exc
-    if len(raw) != expected or inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
-        found = f"more than {expected}" if inflater.unconsumed_tail or inflater.unused_data else len(raw)
-        raise MalformedPayload(f"'{PACKED}' holds {found} bytes where the {len(parts)} arrays of its "
-                               f"{sum(1 for name, _, _ in parts if not name.endswith(SCALE))} tensors take {expected}")
+    what = f"the {len(parts)} arrays of its {sum(1 for name, _, _ in parts if not name.endswith(SCALE))} tensors take {expected}"
+    if inflater.unconsumed_tail or inflater.unused_data:
+        raise MalformedPayload(f"'{PACKED}' holds more than {expected} bytes, where {what}")
+    if not inflater.eof:
+        raise MalformedPayload(f"'{PACKED}' is cut short: its deflate stream stops after {len(raw)} bytes, unfinished")
+    if len(raw) != expected:
+        raise MalformedPayload(f"'{PACKED}' holds {len(raw)} bytes where {what}")
     payload, offset = {}, 0
     for name, dtype, shape in parts:
         count = int(np.prod(shape))
